@@ -53,7 +53,9 @@ def _book_shapes(
 
 
 @lru_cache(maxsize=64)
-def _grid_level(height: int, width: int, sizes: tuple[float, ...], ratios: tuple[float, ...]) -> Tensor:
+def _grid_level(
+    height: int, width: int, sizes: tuple[float, ...], ratios: tuple[float, ...]
+) -> Tensor:
     w, h = _book_shapes(sizes, ratios, height, width)
     offsets = torch.stack((-w, -h, w, h), dim=1) / 2  # [K, 4]
     centres = _cell_centres(height, width, 1.0 / height, 1.0 / width)  # [HW, 2]
@@ -76,8 +78,11 @@ def multibox_prior(data: Tensor, sizes: Sequence[float], ratios: Sequence[float]
     if len(sizes) == 0 or len(ratios) == 0:
         raise ValueError("multibox_prior needs at least one size and one ratio")
     height, width = int(data.shape[-2]), int(data.shape[-1])
-    anchors = _grid_level(height, width, tuple(float(s) for s in sizes), tuple(float(r) for r in ratios))
-    return anchors.to(data.device).unsqueeze(0)
+    anchors = _grid_level(
+        height, width, tuple(float(s) for s in sizes), tuple(float(r) for r in ratios)
+    )
+    # A fresh tensor (as the book returns): callers may modify it without touching the cache.
+    return anchors.to(data.device, copy=True).unsqueeze(0)
 
 
 def grid_anchors(
@@ -178,7 +183,8 @@ def ssd_default_boxes(
     if not (len(steps) == len(min_sizes) == len(max_sizes) == len(aspect_ratios) == n):
         raise ValueError(
             "feature_sizes, steps, min_sizes, max_sizes and aspect_ratios need one entry per "
-            f"level; got {n}, {len(steps)}, {len(min_sizes)}, {len(max_sizes)}, {len(aspect_ratios)}"
+            f"level; got {n}, {len(steps)}, {len(min_sizes)}, {len(max_sizes)}, "
+            f"{len(aspect_ratios)}"
         )
     return _ssd_boxes(
         tuple(int(f) for f in feature_sizes),
@@ -282,8 +288,12 @@ class SSDDefaultBoxGenerator(_CachedPerDevice):
         self.max_sizes = list(map(float, max_sizes))
         self.aspect_ratios = [list(map(float, a)) for a in aspect_ratios]
         self.clip = clip
-        if not (len(self.steps) == len(self.min_sizes) == len(self.max_sizes) == len(self.aspect_ratios)):
-            raise ValueError("anchors: steps, min_sizes, max_sizes, aspect_ratios need one entry per level")
+        if not (
+            len(self.steps) == len(self.min_sizes) == len(self.max_sizes) == len(self.aspect_ratios)
+        ):
+            raise ValueError(
+                "anchors: steps, min_sizes, max_sizes, aspect_ratios need one entry per level"
+            )
 
     def num_anchors_per_location(self) -> list[int]:
         """Default boxes per feature-map cell, per level (SSD300: 4, 6, 6, 6, 4, 4)."""
@@ -300,7 +310,9 @@ class SSDDefaultBoxGenerator(_CachedPerDevice):
         sides = []
         for level, (h, w) in enumerate(feature_sizes):
             if h != w:
-                raise ValueError(f"SSD default boxes need square feature maps; level {level} is {h}x{w}")
+                raise ValueError(
+                    f"SSD default boxes need square feature maps; level {level} is {h}x{w}"
+                )
             sides.append(int(h))
         key = (tuple(sides), self.image_size)
         return self._get(

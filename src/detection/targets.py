@@ -1,0 +1,200 @@
+"""Training targets for every anchor: the book's ``multibox_target``, batched.
+
+A :class:`TargetEncoder` pads the per-image ground truths into the book's label layout
+(:func:`pad_targets`), computes the ``[B, G, A]`` IoU, assigns anchors with
+:func:`~src.detection.matching.match_anchors_batched` and encodes the matched boxes with a
+:class:`~src.detection.coder.BoxCoder`. :func:`src.detection.compat.multibox_target` is a thin
+wrapper around :meth:`TargetEncoder.encode_padded`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from src.detection.coder import BoxCoder
+from src.detection.matching import match_anchors_batched, pairwise_iou_batched
+
+__all__ = ["MultiboxTargets", "TargetEncoder", "pad_targets"]
+
+
+class MultiboxTargets(NamedTuple):
+    """Per-anchor training targets for a batch.
+
+    Attributes:
+        cls_labels: ``Tensor[B, A]`` int64; 0 = background, ``k + 1`` for object class ``k``.
+        box_offsets: ``Tensor[B, A, 4]`` float, :class:`BoxCoder` offsets of the matched ground
+            truth (``l_x, l_y, l_w, l_h``); exactly 0 at background anchors.
+        pos_mask: ``Tensor[B, A]`` bool, ``True`` where an anchor has a ground truth.
+        matched_idx: ``Tensor[B, A]`` int64, index of the matched ground truth in the image's
+            target (row of the padded labels), ``-1`` for background.
+
+    """
+
+    cls_labels: Tensor
+    box_offsets: Tensor
+    pos_mask: Tensor
+    matched_idx: Tensor
+
+
+def _target_name(target: Mapping[str, Any], index: int) -> str:
+    image_id = target.get("image_id")
+    return f"target {index}" + (f" (image_id {image_id!r})" if image_id is not None else "")
+
+
+def pad_targets(
+    targets: Sequence[Mapping[str, Any]],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Stack per-image targets into the book's padded label tensor.
+
+    Args:
+        targets: one dict per image with ``boxes: Tensor[G_i, 4]`` float, normalised xyxy, and
+            ``labels: Tensor[G_i]`` int64, 0-based object classes. ``G_i`` may be 0. Other keys
+            are ignored.
+        device: device of the result; default: that of the first image's boxes (CPU if none).
+        dtype: float dtype of the result; default: the promoted dtype of the boxes (at least
+            float32).
+
+    Returns:
+        ``Tensor[B, G_max, 5]`` with rows ``(class, xmin, ymin, xmax, ymax)`` (class as a float,
+        0-based) and padding rows filled with ``-1``. ``G_max = max_i G_i`` (0 if every image is
+        empty).
+
+    Raises:
+        ValueError: if a target lacks ``boxes``/``labels`` or their shapes disagree.
+
+    """
+    boxes_list: list[Tensor] = []
+    labels_list: list[Tensor] = []
+    for i, target in enumerate(targets):
+        if "boxes" not in target or "labels" not in target:
+            raise ValueError(
+                f"{_target_name(target, i)} needs 'boxes' and 'labels'; got keys {sorted(target)}"
+            )
+        boxes = torch.as_tensor(target["boxes"])
+        labels = torch.as_tensor(target["labels"])
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"{_target_name(target, i)}: 'boxes' must have shape [G, 4], got "
+                f"{list(boxes.shape)}"
+            )
+        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"{_target_name(target, i)}: 'labels' must have shape [G] = [{boxes.shape[0]}] "
+                f"to match 'boxes', got {list(labels.shape)}"
+            )
+        boxes_list.append(boxes)
+        labels_list.append(labels)
+    if device is None:
+        device = boxes_list[0].device if boxes_list else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.float32
+        for boxes in boxes_list:
+            if boxes.is_floating_point():
+                dtype = torch.promote_types(dtype, boxes.dtype)
+    g_max = max((b.shape[0] for b in boxes_list), default=0)
+    out = torch.full((len(boxes_list), g_max, 5), -1.0, dtype=dtype, device=device)
+    for i, (boxes, labels) in enumerate(zip(boxes_list, labels_list, strict=True)):
+        n = boxes.shape[0]
+        if n:
+            out[i, :n, 0] = labels.to(device=device, dtype=dtype)
+            out[i, :n, 1:] = boxes.to(device=device, dtype=dtype)
+    return out
+
+
+class TargetEncoder:
+    """Assign anchors to ground truths and encode the per-anchor targets (the book's rules).
+
+    Args:
+        coder: box coder for the offsets; default ``BoxCoder()`` (variances 0.1/0.2, eps 1e-6).
+        iou_threshold: anchors whose best IoU is ``>=`` this value take that ground truth, in
+            ``(0, 1]``; each ground truth additionally takes its best anchor (greedy, as the
+            book).
+
+    Raises:
+        ValueError: if ``iou_threshold`` is outside ``(0, 1]``.
+
+    """
+
+    def __init__(self, coder: BoxCoder | None = None, iou_threshold: float = 0.5) -> None:
+        iou_threshold = float(iou_threshold)
+        if not (math.isfinite(iou_threshold) and 0.0 < iou_threshold <= 1.0):
+            raise ValueError(
+                f"targets.iou_threshold must be in (0, 1], got {iou_threshold}; the book and SSD "
+                "use 0.5"
+            )
+        self.coder = coder if coder is not None else BoxCoder()
+        self.iou_threshold = iou_threshold
+
+    def __call__(self, anchors: Tensor, targets: Sequence[Mapping[str, Any]]) -> MultiboxTargets:
+        """Targets for a batch of per-image ground truths.
+
+        Args:
+            anchors: ``Tensor[A, 4]`` float, normalised xyxy (``[1, A, 4]`` is accepted too).
+            targets: ``B`` dicts with ``boxes: Tensor[G_i, 4]`` normalised xyxy and
+                ``labels: Tensor[G_i]`` int64 0-based (``G_i`` may be 0).
+
+        Returns:
+            :class:`MultiboxTargets` on ``anchors.device``; see :meth:`encode_padded`.
+
+        """
+        padded = pad_targets(targets, device=anchors.device, dtype=self._dtype(anchors))
+        return self.encode_padded(anchors, padded)
+
+    @staticmethod
+    def _dtype(anchors: Tensor) -> torch.dtype:
+        return anchors.dtype if anchors.is_floating_point() else torch.float32
+
+    def encode_padded(self, anchors: Tensor, labels: Tensor) -> MultiboxTargets:
+        """Targets from padded labels in the book's layout (vectorised over the batch).
+
+        Args:
+            anchors: ``Tensor[A, 4]`` or ``Tensor[1, A, 4]`` float, xyxy (normalised).
+            labels: ``Tensor[B, G, 5]`` rows ``(class, xmin, ymin, xmax, ymax)``, class 0-based;
+                rows with ``class < 0`` are padding and ignored. ``G`` may be 0.
+
+        Returns:
+            :class:`MultiboxTargets` with ``A`` anchors: ``cls_labels[B, A]`` int64 (0 =
+            background, ``k + 1`` for class ``k``), ``box_offsets[B, A, 4]`` (0 at background),
+            ``pos_mask[B, A]`` bool, ``matched_idx[B, A]`` int64 (-1 = background).
+
+        """
+        if anchors.dim() == 3 and anchors.shape[0] == 1:
+            anchors = anchors[0]
+        if anchors.dim() != 2 or anchors.shape[-1] != 4:
+            raise ValueError(
+                f"anchors must have shape [A, 4] or [1, A, 4], got {list(anchors.shape)}"
+            )
+        if labels.dim() != 3 or labels.shape[-1] != 5:
+            raise ValueError(
+                "labels must have shape [B, G, 5] with rows (class, xmin, ymin, xmax, ymax), got "
+                f"{list(labels.shape)}"
+            )
+        labels = labels.to(anchors.device)
+        gt_boxes = labels[..., 1:]
+        valid = labels[..., 0] >= 0  # [B, G]
+        iou = pairwise_iou_batched(gt_boxes, anchors)  # [B, G, A]
+        matched = match_anchors_batched(iou, valid, self.iou_threshold)  # [B, A]
+        pos = matched >= 0
+        dtype = torch.promote_types(self._dtype(anchors), labels.dtype)
+        if labels.shape[1] == 0:  # no ground truth in the whole batch: all background
+            box_offsets = torch.zeros((*matched.shape, 4), dtype=dtype, device=anchors.device)
+            return MultiboxTargets(torch.zeros_like(matched), box_offsets, pos, matched)
+        safe_idx = matched.clamp(min=0)
+        cls = torch.gather(labels[..., 0], 1, safe_idx)  # [B, A]
+        cls_labels = torch.where(pos, cls.long() + 1, torch.zeros_like(matched))
+        assigned = torch.gather(gt_boxes, 1, safe_idx[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        offsets = self.coder.encode(assigned, anchors[None]).to(dtype)
+        box_offsets = torch.where(pos[..., None], offsets, torch.zeros_like(offsets))
+        return MultiboxTargets(cls_labels, box_offsets, pos, matched)
+
+    def __repr__(self) -> str:
+        return f"TargetEncoder(coder={self.coder!r}, iou_threshold={self.iou_threshold})"

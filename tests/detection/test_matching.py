@@ -1,0 +1,194 @@
+import pytest
+import torch
+
+from src.detection.box_ops import box_iou
+from src.detection.matching import match_anchors, match_anchors_batched, pairwise_iou_batched
+
+
+def sequential_reference(iou_ga, threshold=0.5):
+    """The book's assignment written as plain Python loops on an [A, G] list of lists."""
+    jac = iou_ga.T.tolist()
+    num_anchors, num_gt = len(jac), len(jac[0]) if jac else 0
+    out = [-1] * num_anchors
+    for a in range(num_anchors):
+        if num_gt:
+            best = max(range(num_gt), key=lambda g: (jac[a][g], -g))
+            if jac[a][best] >= threshold:
+                out[a] = best
+    for _ in range(num_gt):
+        best_val, best_a, best_g = None, None, None
+        for a in range(num_anchors):  # row-major scan, strict '>' keeps the first maximum
+            for g in range(num_gt):
+                if best_val is None or jac[a][g] > best_val:
+                    best_val, best_a, best_g = jac[a][g], a, g
+        out[best_a] = best_g
+        for a in range(num_anchors):
+            jac[a][best_g] = -1.0
+        for g in range(num_gt):
+            jac[best_a][g] = -1.0
+    return torch.tensor(out, dtype=torch.long)
+
+
+def test_hand_case_threshold_then_greedy_override():
+    iou = torch.tensor([[0.6, 0.2, 0.0, 0.0], [0.7, 0.1, 0.0, 0.55]])
+    # anchors 0 and 3 reach 0.5 with gt 1; greedy: (a0, g1) first, then g0 takes a1 (0.2).
+    assert match_anchors(iou).tolist() == [1, 0, -1, 1]
+
+
+def test_gt_overlapping_nothing_still_gets_an_anchor():
+    iou = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.0, 0.0]])
+    out = match_anchors(iou)
+    assert out.tolist() == [1, 0, -1]
+    assert set(out.tolist()) >= {0, 1}
+
+
+def test_ties_lowest_anchor_then_lowest_gt():
+    iou = torch.tensor([[0.8, 0.6, 0.0], [0.8, 0.6, 0.0]])
+    assert match_anchors(iou).tolist() == [0, 1, -1]
+    # equal maxima in different rows and columns: the book takes the lowest anchor first
+    iou = torch.tensor([[0.3, 0.9], [0.9, 0.3]])
+    assert match_anchors(iou).tolist() == [1, 0]
+
+
+def test_threshold_is_inclusive_and_configurable():
+    iou = torch.tensor([[1.0, 0.5, 0.49, 0.3]])
+    assert match_anchors(iou).tolist() == [0, 0, -1, -1]
+    assert match_anchors(iou, iou_threshold=0.3).tolist() == [0, 0, 0, 0]
+
+
+def test_chain_needing_several_rounds():
+    iou = torch.tensor(
+        [
+            [0.9, 0.8, 0.0, 0.0],
+            [0.85, 0.7, 0.6, 0.0],
+            [0.0, 0.65, 0.62, 0.1],
+        ]
+    )
+    # one mutual pair per round: (a0, g0), then (a1, g1), then (a2, g2); the greedy overrides
+    # anchor 1's threshold match (g0, 0.8) with g1.
+    out = match_anchors(iou)
+    assert out.tolist() == [0, 1, 2, -1]
+    assert torch.equal(out, sequential_reference(iou))
+
+
+def quantised_iou(batch, num_gt, num_anchors, generator, levels=4):
+    """IoU-like matrices full of exact ties (multiples of 1/levels, 0.5 included)."""
+    return torch.randint(0, levels + 1, (batch, num_gt, num_anchors), generator=generator) / levels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_with_ties_matches_sequential_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_gt = int(torch.randint(1, 8, (1,), generator=g))
+    num_anchors = int(torch.randint(num_gt, 30, (1,), generator=g))
+    iou = quantised_iou(
+        4, num_gt, num_anchors, g, levels=int(torch.randint(1, 6, (1,), generator=g))
+    )
+    batched = match_anchors_batched(iou)
+    assert batched.shape == (4, num_anchors) and batched.dtype == torch.long
+    for b in range(4):
+        expected = sequential_reference(iou[b])
+        assert torch.equal(batched[b], expected), (seed, b)
+        assert torch.equal(match_anchors(iou[b]), expected)
+
+
+def test_random_continuous_iou_from_boxes():
+    g = torch.Generator().manual_seed(7)
+    anchors = torch.rand(200, 2, generator=g)
+    anchors = torch.cat((anchors, anchors + 0.05 + 0.3 * torch.rand(200, 2, generator=g)), 1)
+    gts = torch.rand(3, 6, 2, generator=g)
+    gts = torch.cat((gts, gts + 0.05 + 0.4 * torch.rand(3, 6, 2, generator=g)), 2)
+    iou = pairwise_iou_batched(gts, anchors)
+    out = match_anchors_batched(iou)
+    for b in range(3):
+        assert torch.equal(out[b], sequential_reference(iou[b]))
+        assert set(range(6)) <= set(out[b].tolist())  # every gt has an anchor
+
+
+def test_padding_is_ignored():
+    g = torch.Generator().manual_seed(3)
+    iou = quantised_iou(2, 5, 12, g)
+    valid = torch.tensor([[True, False, True, False, False], [True, True, True, True, False]])
+    out = match_anchors_batched(iou, valid)
+    keep0 = [0, 2]
+    ref0 = sequential_reference(iou[0, keep0])
+    expected0 = torch.where(ref0 >= 0, torch.tensor(keep0)[ref0.clamp(min=0)], -1)
+    assert torch.equal(out[0], expected0)
+    assert torch.equal(out[1], sequential_reference(iou[1, :4]))
+    assert not bool(((out[0] == 1) | (out[0] == 3) | (out[0] == 4)).any())
+    assert not bool((out[1] == 4).any())
+
+
+def test_no_objects_is_all_background():
+    iou = torch.rand(3, 4, 10)
+    valid = torch.zeros(3, 4, dtype=torch.bool)
+    valid[1, :2] = True
+    out = match_anchors_batched(iou, valid)
+    assert torch.equal(out[0], torch.full((10,), -1))
+    assert torch.equal(out[2], torch.full((10,), -1))
+    assert {0, 1} <= set(out[1].tolist())
+    assert torch.equal(match_anchors_batched(torch.zeros(2, 0, 10)), torch.full((2, 10), -1))
+    assert torch.equal(match_anchors(torch.zeros(0, 5)), torch.full((5,), -1))
+
+
+def test_more_gts_than_anchors_assigns_each_anchor_once():
+    iou = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.6, 0.65]])
+    out = match_anchors(iou)
+    assert out.tolist() == [0, 1]
+
+
+def test_inputs_not_modified_and_nan_treated_as_zero():
+    iou = torch.tensor([[float("nan"), 0.7, 0.2], [0.1, 0.2, 0.3]])
+    before = iou.clone()
+    out = match_anchors(iou)
+    assert torch.equal(iou.isnan(), before.isnan())
+    assert torch.equal(iou.nan_to_num(), before.nan_to_num())
+    assert out.tolist() == [-1, 0, 1]
+
+
+def test_pairwise_iou_batched_equals_box_iou_bitwise():
+    g = torch.Generator().manual_seed(5)
+    anchors = torch.rand(50, 2, generator=g)
+    anchors = torch.cat((anchors, anchors + torch.rand(50, 2, generator=g)), 1)
+    gts = torch.rand(2, 4, 2, generator=g)
+    gts = torch.cat((gts, gts + torch.rand(2, 4, 2, generator=g)), 2)
+    iou = pairwise_iou_batched(gts, anchors)
+    assert iou.shape == (2, 4, 50)
+    for b in range(2):
+        assert torch.equal(iou[b], box_iou(gts[b], anchors))
+        assert torch.equal(iou[b], box_iou(anchors, gts[b]).T)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5, float("nan")])
+def test_threshold_validation(threshold):
+    with pytest.raises(ValueError, match="iou_threshold"):
+        match_anchors(torch.rand(2, 3), iou_threshold=threshold)
+
+
+def test_shape_validation():
+    with pytest.raises(ValueError, match=r"\[G, A\]"):
+        match_anchors(torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\[B, G, A\]"):
+        match_anchors_batched(torch.rand(2, 3))
+    with pytest.raises(ValueError, match="valid"):
+        match_anchors_batched(torch.rand(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="gt_boxes"):
+        pairwise_iou_batched(torch.rand(3, 4), torch.rand(5, 4))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_padding_and_ties_stress(seed):
+    g = torch.Generator().manual_seed(50 + seed)
+    iou = quantised_iou(6, 15, 40, g, levels=3)
+    valid = torch.rand(6, 15, generator=g) < 0.7
+    valid[0] = False  # one image without objects
+    out = match_anchors_batched(iou, valid)
+    for b in range(6):
+        keep = valid[b].nonzero().reshape(-1)
+        if keep.numel() == 0:
+            assert torch.equal(out[b], torch.full((40,), -1))
+            continue
+        ref = sequential_reference(iou[b, keep])
+        expected = torch.where(ref >= 0, keep[ref.clamp(min=0)], -1)
+        assert torch.equal(out[b], expected)
+        assert set(keep.tolist()) <= set(out[b].tolist())
