@@ -1,0 +1,29 @@
+"""Datasets, DataModules, transforms and collation for detection.
+
+Names are imported lazily so that ``import src.data.transforms`` does not pull in Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "BananaDataModule": "src.data.banana",
+    "BananaDataset": "src.data.banana",
+    "build_transforms": "src.data.transforms",
+    "detection_collate": "src.data.collate",
+    "download_and_extract": "src.data.download",
+    "generate_banana_dataset": "src.data.synthetic",
+    "VOCDataModule": "src.data.voc",
+    "VOCDataset": "src.data.voc",
+    "VOC_CLASSES": "src.data.voc",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

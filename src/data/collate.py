@@ -1,0 +1,39 @@
+"""Batch collation for detection datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list[dict]]:
+    """Stack images and keep targets as a list (boxes differ in number per image).
+
+    Args:
+        batch: ``(image, target)`` pairs; images ``Tensor[3, H, W]`` float32 in ``[0, 1]``, all of
+            the same size; targets dicts with ``boxes: Tensor[G_i, 4]`` normalised xyxy,
+            ``labels: Tensor[G_i]`` int64, ``orig_size``, ``image_id`` (optionally ``difficult``).
+
+    Returns:
+        ``(images: Tensor[B, 3, H, W], targets: list[dict])`` with the targets in batch order
+        (the dicts are the datasets' own objects, not copies).
+
+    Raises:
+        ValueError: empty batch or images of different shapes (resize them to a common
+            ``data.image_size`` in the dataset transform).
+    """
+    if len(batch) == 0:
+        raise ValueError("detection_collate got an empty batch")
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    shapes = {tuple(img.shape) for img in images}
+    if len(shapes) != 1:
+        ids = [t.get("image_id") for t in targets]
+        raise ValueError(
+            f"cannot batch images of different shapes {sorted(shapes)} (image ids {ids}); "
+            "the dataset transform must resize every image to data.image_size"
+        )
+    return torch.stack(images, dim=0), targets

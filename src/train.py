@@ -1,0 +1,107 @@
+"""Training entry point: ``python -m src.train [overrides]``.
+
+``train(cfg)`` does the work and is called by the Hydra ``main`` and by tests with configs built
+by ``hydra.compose``. It returns the metrics (so sweepers can optimise them) and the objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from src.utils.config import config_to_container, set_project_root
+from src.utils.hparams import HParamsCallback, flatten_config
+from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
+
+log = logging.getLogger(__name__)
+
+set_project_root()
+
+
+def _user_hparams(container: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters a user compares runs by: everything but paths, hydra and wiring."""
+    skip = {"paths", "hydra", "callbacks", "logger", "extras"}
+    flat = flatten_config({k: v for k, v in container.items() if k not in skip})
+    return {k: v for k, v in flat.items() if ".module." not in k and not k.endswith("_target_")}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train (and optionally test) the model described by ``cfg``.
+
+    Args:
+        cfg: the composed config (``conf/train.yaml``).
+
+    Returns:
+        ``(metrics, objects)``: final logged metrics as floats, and the built ``cfg``,
+        ``datamodule``, ``model``, ``trainer``, ``callbacks`` and ``loggers``.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = instantiate(cfg.data)
+
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    extra: dict[str, Any] = {}
+    if cfg.model.get("class_names") is None and hasattr(datamodule, "classes"):
+        extra["class_names"] = list(datamodule.classes)
+    model = instantiate(cfg.model, **extra)
+    container = config_to_container(cfg)
+    container["model"].update(extra)  # so eval/predict rebuild the module with the class names
+    model.run_config = container
+
+    callbacks: list[Callback] = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if loggers:
+        callbacks.append(HParamsCallback(_user_hparams(container)))
+
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    objects = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "model": model,
+        "trainer": trainer,
+        "callbacks": callbacks,
+        "loggers": loggers,
+    }
+
+    if cfg.get("train", True):
+        log.info("Starting training")
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test", False):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not ckpt:
+            log.warning("No best checkpoint found; testing the current weights")
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers (e.g. Optuna)."""
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
+    metrics, _ = train(cfg)
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}"
+        )
+    return metrics[name]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Helpers that build Lightning callbacks and loggers from Hydra config groups."""
+
+from __future__ import annotations
+
+import logging
+
+from hydra.utils import instantiate
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["instantiate_callbacks", "instantiate_loggers"]
+
+
+def _instantiate_group(cfg: DictConfig | None, kind: str) -> list:
+    objects: list = []
+    if not cfg:
+        return objects
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"the {kind} config must be a mapping of name -> {{_target_: ...}}")
+    for name, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            log.info("Instantiating %s <%s>", kind, conf._target_)
+            objects.append(instantiate(conf))
+        elif conf is not None:
+            raise ValueError(f"{kind} '{name}' has no _target_; give one or set it to null")
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Instantiate every ``{_target_: ...}`` entry of the ``callbacks`` group."""
+    return _instantiate_group(cfg, "callback")
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate every ``{_target_: ...}`` entry of the ``logger`` group."""
+    return _instantiate_group(cfg, "logger")

@@ -1,0 +1,131 @@
+"""End to end: train (fast_dev_run, 1-epoch run), eval its checkpoint, predict on an image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from torchvision.io import decode_image
+
+from src.eval import evaluate
+from src.predict import predict
+from src.train import train
+from tests.conftest import compose_config, train_overrides
+
+
+def test_train_fast_dev_run(tmp_path: Path, banana_data_dir: Path) -> None:
+    cfg = compose_config("train", train_overrides(tmp_path, banana_data_dir, "debug=fdr"))
+    metrics, objects = train(cfg)
+    assert "train/loss_epoch" in metrics
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert 0.0 <= metrics["val/mAP_50"] <= 1.0
+    assert objects["datamodule"].hparams["resolved_source"] == "synthetic"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            out,
+            banana_data_dir,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=2",
+            "callbacks.rich_progress_bar=null",
+        ),
+    )
+    metrics, _ = train(cfg)
+    assert {"train/class_err", "train/bbox_mae", "val/class_err", "val/bbox_mae", "val/mAP"} <= set(
+        metrics
+    )
+    return out
+
+
+def test_train_writes_checkpoints_and_tensorboard(trained_run: Path) -> None:
+    ckpts = sorted(p.name for p in (trained_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch_") for n in ckpts)
+    events = list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    image_tags: set[str] = set()
+    for ev in events:
+        acc = EventAccumulator(str(ev.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+        image_tags |= set(acc.Tags()["images"])
+    for tag in (
+        "train/loss_epoch",
+        "train/class_err",
+        "train/bbox_mae",
+        "val/loss",
+        "val/class_err",
+        "val/bbox_mae",
+        "val/mAP_50",
+        "val/mAP",
+        "final/val_mAP_50",
+    ):
+        assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
+    assert "val/detections" in image_tags
+
+
+def test_eval_on_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        "eval", [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu"]
+    )
+    metrics, _ = evaluate(cfg)
+    for key in ("val/loss", "val/class_err", "val/bbox_mae", "val/mAP_50", "val/mAP"):
+        assert key in metrics
+    assert 0.0 <= metrics["val/class_err"] <= 1.0
+
+
+def test_predict_on_image(trained_run: Path, banana_data_dir: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    image = next((banana_data_dir / "banana-synthetic" / "bananas_val" / "images").glob("*.png"))
+    cfg = compose_config(
+        "predict",
+        [f"ckpt_path={ckpt}", f"image={image}", "threshold=0.0", f"output_dir={tmp_path}"],
+    )
+    records = predict(cfg)
+    assert len(records) == 1
+    png = Path(records[0]["png"])
+    drawn = decode_image(str(png))
+    assert drawn.shape == decode_image(str(image)).shape[:1] + drawn.shape[1:]
+    data = json.loads(Path(records[0]["json"]).read_text())
+    assert data["box_format"] == "xyxy pixels"
+    assert len(data["detections"]) > 0  # threshold 0 keeps the post-processed boxes
+    for det in data["detections"]:
+        x0, y0, x1, y1 = det["box"]
+        assert 0 <= x0 <= x1 <= data["width"] and 0 <= y0 <= y1 <= data["height"]
+        assert det["class_name"] == "banana"
+
+
+def test_predict_missing_image_names_path(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        "predict", [f"ckpt_path={ckpt}", f"image={tmp_path / 'nope.png'}", f"output_dir={tmp_path}"]
+    )
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        predict(cfg)
+
+
+def test_eval_missing_checkpoint_names_path(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "eval", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        evaluate(cfg)
+
+
+def test_unknown_group_option_lists_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("train", [f"paths.output_dir={tmp_path}", "loss=nonexistent"])
+    message = str(err.value)
+    assert "nonexistent" in message and "l1" in message and "smooth_l1" in message
