@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import load_module
@@ -58,7 +59,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     for name, value in sorted(metrics.items()):
         log.info("%-20s %.6f", name, value)
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+    objects: dict[str, Any] = {"model": model, "datamodule": datamodule, "trainer": trainer}
+    voc = model.voc_results.get(cfg.split)
+    if voc is not None:
+        names = list(model.class_names or [str(c) for c in range(len(voc["ap_per_class"]))])
+        table = per_class_table(names, voc["ap_per_class"].tolist(), float(voc["map_50"]))
+        log.info("Per-class VOC AP@0.5 (%s):\n%s", cfg.split, table)
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(f"{cfg.split}/per_class_AP50", table, 0)
+                logger.experiment.flush()
+        objects["per_class_table"] = table
+    return metrics, objects
+
+
+def per_class_table(names: list[str], aps: list[float], mean_ap: float) -> str:
+    """A Markdown table of per-class AP (nan: no non-difficult ground truth) and the mean."""
+    rows = ["| class | AP@0.5 |", "| --- | ---: |"]
+    rows += [
+        f"| {n} | {'n/a' if ap != ap else f'{ap:.4f}'} |" for n, ap in zip(names, aps, strict=True)
+    ]
+    rows.append(f"| **mean** | **{mean_ap:.4f}** |")
+    return "\n".join(rows)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")

@@ -129,3 +129,41 @@ def test_unknown_group_option_lists_choices(tmp_path: Path) -> None:
         compose_config("train", [f"paths.output_dir={tmp_path}", "loss=nonexistent"])
     message = str(err.value)
     assert "nonexistent" in message and "l1" in message and "smooth_l1" in message
+
+
+def test_train_fast_dev_run_on_real_voc_mini(tmp_path: Path) -> None:
+    from tests.conftest import shared_data
+
+    root = shared_data("VOCdevkit-mini")
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={tmp_path}",
+            "data=voc_mini",
+            f"data.root={root}",
+            "data.batch_size=2",
+            "backbone=vgg16",
+            "loss=smooth_l1",
+            "mining=hard_negative",
+            "loss.normalize=positives",
+            "debug=fdr",
+        ],
+    )
+    metrics, objects = train(cfg)
+    assert objects["model"].net.num_classes == 20
+    assert objects["model"].class_names[0] == "aeroplane"
+    for key in ("val/loss", "val/mAP_50", "val/voc_mAP_50"):
+        assert key in metrics and metrics[key] == metrics[key]  # logged and not nan
+
+
+def test_unknown_override_key_names_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match="data.not_a_key"):
+        compose_config("train", [f"paths.output_dir={tmp_path}", "data.not_a_key=1"])
+
+
+def test_voc_ssd300_experiment_composes(tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"paths.output_dir={tmp_path}", "experiment=voc_ssd300"])
+    assert cfg.backbone.name == "vgg16" and cfg.model.optimizer.lr == pytest.approx(1e-3)
+    assert cfg.model.scheduler.milestones == [80000, 100000] and cfg.trainer.max_steps == 120000
+    assert cfg.mining.neg_pos_ratio == 3 and cfg.loss.normalize == "positives"
+    assert cfg.model.voc_metric.use_07_metric is True

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
 from src.detection.box_ops import scale_boxes
 from src.detection.targets import MultiboxTargets, TargetEncoder
 from src.metrics.book import BBoxMAE, ClassError
+from src.models.convert import load_ssd_pytorch_state_dict
 from src.viz.boxes import detection_grid
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,42 @@ def to_pixels(
     return out
 
 
+def load_initial_weights(net: nn.Module, path: str) -> None:
+    """Load ``path`` into ``net``: an ``src.train`` checkpoint or an ``ssd.pytorch`` state dict.
+
+    Args:
+        net: the SSD network (modified in place: it is the module's own parameters).
+        path: a ``.ckpt`` written by ``src.train`` or a ``.pth`` state dict of ``ssd.pytorch``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the keys fit neither layout (the message lists what is missing).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"model.init_from={file} does not exist; give a .ckpt of src.train or an ssd.pytorch "
+            ".pth state dict"
+        )
+    blob = torch.load(file, map_location="cpu", weights_only=False)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if any(k.startswith("net.") for k in state):
+        own = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        net.load_state_dict(own)
+        log.info("Initialised the net from the src.train checkpoint %s", file)
+        return
+    if any(
+        k.split(".", 1)[-1].startswith(("vgg.", "L2Norm.")) or k.startswith("vgg.") for k in state
+    ):
+        load_ssd_pytorch_state_dict(net, state)
+        log.info("Initialised the net from the ssd.pytorch weights %s", file)
+        return
+    raise ValueError(
+        f"model.init_from={file}: keys fit neither an src.train checkpoint ('net.*') nor "
+        f"ssd.pytorch ('vgg.*', 'L2Norm.weight', ...); first keys: {list(state)[:5]}"
+    )
+
+
 class SSDLitModule(LightningModule):
     """Lightning wrapper of an SSD net.
 
@@ -64,6 +102,13 @@ class SSDLitModule(LightningModule):
         num_log_images: validation images drawn to TensorBoard each validation epoch (0: off).
         log_score_threshold: minimum score of a drawn prediction.
         compile: ``torch.compile`` the net at fit start.
+        voc_metric: a ``VOCMeanAveragePrecision`` (or any metric with the same ``update`` and a
+            ``compute`` giving ``map_50`` and ``ap_per_class``) evaluated next to COCO mAP on the
+            validation and test sets, with ``difficult`` objects ignored as the devkit does; None
+            to skip it.
+        init_from: initial weights for the net: a checkpoint of ``src.train`` (``.ckpt``), or an
+            ``ssd.pytorch`` SSD300 state dict (keys ``vgg.*``, ``L2Norm.weight``, ``extras.*``,
+            ``loc.*``, ``conf.*``), mapped onto this net by ``src.models.convert``.
     """
 
     def __init__(
@@ -80,6 +125,8 @@ class SSDLitModule(LightningModule):
         num_log_images: int = 8,
         log_score_threshold: float = 0.3,
         compile: bool = False,
+        voc_metric: Metric | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -88,15 +135,17 @@ class SSDLitModule(LightningModule):
             )
         # Built objects are not hyper-parameters; the full config is logged by src.train.
         self.save_hyperparameters(
-            logger=False, ignore=["net", "loss", "postprocess", "target_encoder"]
+            logger=False, ignore=["net", "loss", "postprocess", "target_encoder", "voc_metric"]
         )
         self.net = net
         self.loss_fn = loss
         self.postprocess = postprocess
         self.target_encoder = target_encoder if target_encoder is not None else TargetEncoder()
         self.class_names = list(class_names) if class_names is not None else None
+        if init_from:
+            load_initial_weights(net, init_from)
         bias = loss.background_bias(net.num_classes) if hasattr(loss, "background_bias") else None
-        if bias is not None:
+        if bias is not None and not init_from:
             net.head.init_background_bias(bias)
             log.info("Initialised the background bias to %.4f from the focal prior", bias)
 
@@ -107,6 +156,10 @@ class SSDLitModule(LightningModule):
         self.test_metrics = self.train_metrics.clone(prefix="test/")
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        self.val_voc = voc_metric
+        self.test_voc = voc_metric.clone() if voc_metric is not None else None
+        #: the last VOC ``compute()`` result per stage, for per-class tables (``src.eval``).
+        self.voc_results: dict[str, dict[str, Tensor]] = {}
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._log_batch: tuple[Tensor, list[dict[str, Any]], list[dict[str, Tensor]]] | None = None
@@ -154,9 +207,23 @@ class SSDLitModule(LightningModule):
         (self.val_loss if stage == "val" else self.test_loss).update(losses.loss, images.shape[0])
         detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
         gts = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        pixel_dets = to_pixels(detections, targets)
         (self.val_map if stage == "val" else self.test_map).update(
-            to_pixels(detections, targets), to_pixels(gts, targets)
+            pixel_dets, to_pixels(gts, targets)
         )
+        voc = self.val_voc if stage == "val" else self.test_voc
+        if voc is not None:
+            voc_gts = [
+                {
+                    "boxes": t["boxes"],
+                    "labels": t["labels"],
+                    "difficult": t.get(
+                        "difficult", torch.zeros_like(t["labels"], dtype=torch.bool)
+                    ),
+                }
+                for t in targets
+            ]
+            voc.update(pixel_dets, to_pixels(voc_gts, targets))
         return detections
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -186,6 +253,17 @@ class SSDLitModule(LightningModule):
         values[f"{stage}/mAP_50"] = maps["map_50"]
         values[f"{stage}/mAP_75"] = maps["map_75"]
         self.log_dict(values, prog_bar=True, sync_dist=False)
+        voc = self.val_voc if stage == "val" else self.test_voc
+        if voc is not None:
+            results = voc.compute()
+            self.voc_results[stage] = results
+            self.log(f"{stage}/voc_mAP_50", results["map_50"].float())
+            per_class = (
+                voc.ap_dict(results, prefix=f"{stage}/AP50/") if hasattr(voc, "ap_dict") else {}
+            )
+            if per_class:
+                self.log_dict(per_class)
+            voc.reset()
         metrics.reset()
         loss.reset()
         mean_ap.reset()

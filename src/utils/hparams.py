@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class HParamsCallback(Callback):
             params.update(flatten_config(dict(datamodule.hparams), prefix="datamodule."))
         placeholders = {self._final_key(m): math.nan for m in FINAL_METRICS}
         for logger in trainer.loggers:
-            logger.log_hyperparams(params, metrics=placeholders)
+            if isinstance(logger, TensorBoardLogger):  # declares the HParams tab's metric columns
+                logger.log_hyperparams(params, metrics=placeholders)
+            else:
+                logger.log_hyperparams(params)
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
