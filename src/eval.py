@@ -62,8 +62,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects: dict[str, Any] = {"model": model, "datamodule": datamodule, "trainer": trainer}
     voc = model.voc_results.get(cfg.split)
     if voc is not None:
-        names = list(model.class_names or [str(c) for c in range(len(voc["ap_per_class"]))])
-        table = per_class_table(names, voc["ap_per_class"].tolist(), float(voc["map_50"]))
+        names = list(model.class_names or [str(c) for c in range(voc["ap_per_class"].numel())])
+        table = per_class_table(
+            names, voc["ap_per_class"].reshape(-1).tolist(), float(voc["map_50"])
+        )
         log.info("Per-class VOC AP@0.5 (%s):\n%s", cfg.split, table)
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.utils.config import config_to_container, set_project_root
 from src.utils.hparams import HParamsCallback, flatten_config
@@ -29,6 +29,23 @@ def _user_hparams(container: dict[str, Any]) -> dict[str, Any]:
     skip = {"paths", "hydra", "callbacks", "logger", "extras"}
     flat = flatten_config({k: v for k, v in container.items() if k not in skip})
     return {k: v for k, v in flat.items() if ".module." not in k and not k.endswith("_target_")}
+
+
+def fill_class_names(cfg: DictConfig, datamodule: Any) -> None:
+    """Set ``model.class_names`` (and the VOC metric's) from the datamodule where left null.
+
+    The names then travel with the run config into checkpoints, so ``src.eval`` and
+    ``src.predict`` label boxes and per-class tables without the data.
+    """
+    names = list(getattr(datamodule, "classes", []) or []) or None
+    if names is None:
+        return
+    with open_dict(cfg):
+        if cfg.model.get("class_names") is None:
+            cfg.model.class_names = names
+        voc = cfg.model.get("voc_metric")
+        if voc is not None and voc.get("class_names") is None:
+            voc.class_names = names
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -48,12 +65,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
 
     log.info("Instantiating model <%s>", cfg.model._target_)
-    extra: dict[str, Any] = {}
-    if cfg.model.get("class_names") is None and hasattr(datamodule, "classes"):
-        extra["class_names"] = list(datamodule.classes)
-    model = instantiate(cfg.model, **extra)
+    fill_class_names(cfg, datamodule)
+    model = instantiate(cfg.model)
     container = config_to_container(cfg)
-    container["model"].update(extra)  # so eval/predict rebuild the module with the class names
     model.run_config = container
 
     callbacks: list[Callback] = instantiate_callbacks(cfg.get("callbacks"))

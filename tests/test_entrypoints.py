@@ -167,3 +167,53 @@ def test_voc_ssd300_experiment_composes(tmp_path: Path) -> None:
     assert cfg.model.scheduler.milestones == [80000, 100000] and cfg.trainer.max_steps == 120000
     assert cfg.mining.neg_pos_ratio == 3 and cfg.loss.normalize == "positives"
     assert cfg.model.voc_metric.use_07_metric is True
+
+
+def test_eval_prints_per_class_voc_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.conftest import shared_data
+
+    root = shared_data("VOCdevkit-mini")
+    common = [f"data.root={root}", "data.batch_size=4", "data.augment=none"]
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={tmp_path / 'train'}",
+            "data=voc_mini",
+            *common,
+            "backbone=tiny",
+            "backbone.image_size=128",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "trainer.accelerator=cpu",
+            "callbacks.rich_progress_bar=null",
+            "model.num_log_images=0",
+        ],
+    )
+    train(cfg)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    eval_cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={tmp_path / 'eval'}",
+            "trainer.accelerator=cpu",
+            "trainer.limit_val_batches=2",
+        ],
+    )
+    with caplog.at_level("INFO"):
+        metrics, objects = evaluate(eval_cfg)
+    table = objects["per_class_table"]
+    assert table.splitlines()[0] == "| class | AP@0.5 |"
+    assert "| aeroplane |" in table and "| tvmonitor |" in table and "**mean**" in table
+    assert "Per-class VOC AP@0.5" in caplog.text
+    assert 0.0 <= metrics["val/voc_mAP_50"] <= 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = {p.parent for p in (tmp_path / "eval").rglob("events.out.tfevents.*")}
+    tags = set()
+    for d in event_dirs:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags |= set(acc.Tags().get("tensors", []))
+    assert any("per_class_AP50" in t for t in tags), tags

@@ -432,6 +432,6 @@ class VOCMeanAveragePrecision(Metric):
             ``{prefix + class_name: ap}`` for classes with a non-nan AP.
 
         """
-        ap = results["ap_per_class"]
+        ap = results["ap_per_class"].reshape(-1)  # torchmetrics squeezes a 1-class result to 0-d
         names = self.class_names or [str(c) for c in range(ap.numel())]
         return {f"{prefix}{names[c]}": float(ap[c]) for c in range(ap.numel()) if ap[c] == ap[c]}
