@@ -28,7 +28,12 @@ def _user_hparams(container: dict[str, Any]) -> dict[str, Any]:
     """The hyper-parameters a user compares runs by: everything but paths, hydra and wiring."""
     skip = {"paths", "hydra", "callbacks", "logger", "extras"}
     flat = flatten_config({k: v for k, v in container.items() if k not in skip})
-    return {k: v for k, v in flat.items() if ".module." not in k and not k.endswith("_target_")}
+    derived = ("model.net.", "model.loss")  # interpolated copies of backbone / loss / mining
+    return {
+        k: v
+        for k, v in flat.items()
+        if ".module." not in k and not k.endswith("_target_") and not k.startswith(derived)
+    }
 
 
 def fill_class_names(cfg: DictConfig, datamodule: Any) -> None:

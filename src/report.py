@@ -1,0 +1,452 @@
+"""Summarise a Hydra sweep: ``python -m src.report outputs/multirun/<date_time> [--out DIR]``.
+
+Every run of the sweep (a job dir with ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and
+TensorBoard events under ``tensorboard/``) becomes one row. The *swept keys* are the override
+keys whose values differ across runs (``loss.sigma`` for ``loss.sigma=0.5,1,10``; every Optuna
+parameter for ``hparams_search=banana_optuna``). The final value of each metric is the last value
+logged to TensorBoard (largest step, then latest write). Three files are written into the sweep
+dir (or ``--out``):
+
+* ``report.md``: a Markdown table, one row per run, the swept values and the final metrics;
+* ``report.csv``: the same table (empty cells for missing values);
+* ``report.png``: each metric against each swept value.
+
+Runs without events (crashed, ``fast_dev_run``, or no TensorBoard logger) are listed with their
+metrics marked ``missing``; they do not stop the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "RunResult",
+    "Report",
+    "find_runs",
+    "read_overrides",
+    "read_last_scalars",
+    "swept_keys",
+    "collect",
+    "write_report",
+    "make_report",
+    "main",
+]
+
+#: metrics reported by default (their last logged value).
+DEFAULT_METRICS: tuple[str, ...] = (
+    "val/mAP_50",
+    "val/class_err",
+    "val/bbox_mae",
+    "train/class_err",
+    "train/bbox_mae",
+    "val/loss",
+)
+
+MISSING = "missing"
+
+
+@dataclass
+class RunResult:
+    """One run of a sweep.
+
+    Attributes:
+        name: the run's dir relative to the sweep dir (the Hydra job number, e.g. ``"3"``).
+        path: the run's dir.
+        overrides: ``{key: value}`` of the run's command-line overrides (values as written).
+        metrics: ``{metric: last logged value}``; metrics never logged are absent.
+        status: ``"ok"``, ``"no events"`` (no TensorBoard events under ``tensorboard/``),
+            ``"unreadable events: ..."`` or ``"incomplete"`` (some metrics never logged).
+    """
+
+    name: str
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float]
+    status: str = "ok"
+
+
+@dataclass
+class Report:
+    """A sweep's summary (see :func:`make_report`).
+
+    Attributes:
+        sweep_dir: the sweep dir read.
+        runs: the runs, in job order.
+        swept_keys: override keys whose values differ across runs, in first-seen order.
+        metrics: the reported metric names.
+        files: ``{"markdown" | "csv" | "png": path}`` once written.
+        best: the Optuna sweeper's ``optimization_results.yaml`` content, if any.
+    """
+
+    sweep_dir: Path
+    runs: list[RunResult]
+    swept_keys: list[str]
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    files: dict[str, Path] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+
+    @property
+    def missing(self) -> list[RunResult]:
+        """Runs lacking at least one reported metric."""
+        return [r for r in self.runs if any(m not in r.metrics for m in self.metrics)]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per run: ``run``, the swept keys (parsed values), metrics (NaN if missing)."""
+        rows = []
+        for run in self.runs:
+            row: dict[str, Any] = {"run": run.name}
+            for key in self.swept_keys:
+                row[key] = parse_value(run.overrides.get(key))
+            for metric in self.metrics:
+                row[metric] = run.metrics.get(metric, math.nan)
+            row["status"] = run.status
+            rows.append(row)
+        return rows
+
+
+# ------------------------------------------------------------------------------------ reading
+def _natural_key(text: str) -> list[Any]:
+    """Sort key putting ``"10"`` after ``"9"`` (job numbers)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+
+
+def parse_value(value: str | None) -> Any:
+    """An override value as an int, a float, or the string itself (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def find_runs(sweep_dir: str | Path) -> list[Path]:
+    """The run dirs under ``sweep_dir`` (those with ``.hydra/config.yaml``), in job order.
+
+    ``sweep_dir`` may itself be a single run.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` does not exist or holds no run.
+    """
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"sweep dir {root} does not exist; pass the dir a multirun wrote, such as "
+            "outputs/multirun/<date_time>"
+        )
+    if (root / ".hydra" / "config.yaml").is_file():
+        return [root]
+    runs = sorted(
+        {p.parent.parent for p in root.rglob(".hydra/config.yaml")},
+        key=lambda p: _natural_key(p.relative_to(root).as_posix()),
+    )
+    if not runs:
+        raise FileNotFoundError(
+            f"no runs found under {root}: expected job dirs holding .hydra/config.yaml, as "
+            "written by `python -m src.train -m key=v1,v2` (outputs/multirun/<date_time>/<job>)"
+        )
+    return runs
+
+
+def read_overrides(run_dir: str | Path) -> dict[str, str]:
+    """``{key: value}`` from a run's ``.hydra/overrides.yaml`` (``+``/``++``/``~`` stripped).
+
+    ``hydra.*`` overrides are left out. A missing file gives ``{}`` (with a warning).
+    """
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        log.warning("%s is missing; the run's swept values are unknown", path)
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    if not isinstance(items, list):
+        raise ValueError(f"{path} must hold a list of 'key=value' strings, got {type(items)}")
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not sep or key.startswith("hydra.") or key == "hydra":
+            continue
+        overrides[key] = value
+    return overrides
+
+
+def read_last_scalars(log_dir: str | Path) -> dict[str, float] | None:
+    """The last logged value of every scalar under ``log_dir`` (searched recursively).
+
+    Args:
+        log_dir: a dir with TensorBoard event files (``events.out.tfevents.*``), possibly in
+            version sub-dirs.
+
+    Returns:
+        ``{tag: value}`` (the event with the largest step, ties broken by wall time, across all
+        event files), or ``None`` when there is no event file.
+    """
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    root = Path(log_dir)
+    if not root.is_dir():
+        return None
+    dirs = sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
+    if not dirs:
+        return None
+    guidance = {
+        ea.SCALARS: 0,
+        ea.IMAGES: 1,
+        ea.HISTOGRAMS: 1,
+        ea.TENSORS: 1,
+        ea.AUDIO: 1,
+        ea.COMPRESSED_HISTOGRAMS: 1,
+    }
+    last: dict[str, tuple[int, float, float]] = {}
+    for directory in dirs:
+        acc = ea.EventAccumulator(str(directory), size_guidance=guidance)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                key = (event.step, event.wall_time)
+                if tag not in last or key >= last[tag][:2]:
+                    last[tag] = (event.step, event.wall_time, float(event.value))
+    return {tag: value for tag, (_, _, value) in last.items()}
+
+
+def swept_keys(overrides: Sequence[dict[str, str]]) -> list[str]:
+    """Override keys whose values differ across runs (absent counts as a value), in order."""
+    keys: list[str] = []
+    for item in overrides:
+        keys.extend(k for k in item if k not in keys)
+    return [k for k in keys if len({item.get(k) for item in overrides}) > 1]
+
+
+def collect(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> Report:
+    """Read every run of a sweep (no files written).
+
+    Args:
+        sweep_dir: a multirun dir (or a single run's dir).
+        metrics: metric names (TensorBoard scalar tags) to report.
+
+    Returns:
+        A :class:`Report` without files.
+    """
+    root = Path(sweep_dir)
+    runs: list[RunResult] = []
+    for run_dir in find_runs(root):
+        name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+        overrides = read_overrides(run_dir)
+        try:
+            scalars = read_last_scalars(run_dir / "tensorboard")
+        except Exception as err:  # noqa: BLE001 - a broken file must not stop the report
+            log.warning("run %s: cannot read its TensorBoard events: %s", run_dir, err)
+            runs.append(RunResult(name, run_dir, overrides, {}, f"unreadable events: {err}"))
+            continue
+        if scalars is None:
+            log.warning(
+                "run %s has no TensorBoard events under %s (crashed, fast_dev_run, or no "
+                "tensorboard logger); its metrics are reported as missing",
+                run_dir,
+                run_dir / "tensorboard",
+            )
+            runs.append(RunResult(name, run_dir, overrides, {}, "no events"))
+            continue
+        found = {m: scalars[m] for m in metrics if m in scalars}
+        status = "ok" if len(found) == len(metrics) else "incomplete"
+        if status != "ok":
+            log.warning("run %s never logged %s", run_dir, [m for m in metrics if m not in scalars])
+        runs.append(RunResult(name, run_dir, overrides, found, status))
+    best = None
+    results = root / "optimization_results.yaml"
+    if results.is_file():
+        best = yaml.safe_load(results.read_text())
+    return Report(root, runs, swept_keys([r.overrides for r in runs]), tuple(metrics), best=best)
+
+
+# ------------------------------------------------------------------------------------ writing
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return MISSING if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _markdown(report: Report) -> str:
+    keys = report.swept_keys
+    header = ["run", *keys, *report.metrics, "status"]
+    lines = [
+        f"# Sweep report: {report.sweep_dir}",
+        "",
+        f"{len(report.runs)} runs; swept: "
+        + (", ".join(f"`{k}`" for k in keys) if keys else "nothing (all runs alike)")
+        + ". Metrics: the last value logged to TensorBoard.",
+        "",
+        "| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    for row in report.rows():
+        cells = [_fmt(row[h]) for h in header]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    missing = report.missing
+    if missing:
+        lines += ["", "Runs with missing metrics:", ""]
+        lines += [f"- `{r.path}`: {r.status}" for r in missing]
+    if report.best:
+        lines += ["", "Optuna (`optimization_results.yaml`):", "", "```yaml"]
+        lines += [yaml.safe_dump(report.best, sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(report: Report, path: Path) -> None:
+    header = ["run", *report.swept_keys, *report.metrics, "status"]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in report.rows():
+            cells = []
+            for h in header:
+                value = row[h]
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    cells.append("")
+                else:
+                    cells.append(repr(value) if isinstance(value, float) else str(value))
+            writer.writerow(cells)
+
+
+def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """X positions of the values, and tick labels when they are not all numbers."""
+    if all(isinstance(v, int | float) for v in values):
+        return [float(v) for v in values], None
+    labels: list[str] = []
+    for v in values:
+        if str(v) not in labels:
+            labels.append(str(v))
+    return [float(labels.index(str(v))) for v in values], labels
+
+
+def _plot(report: Report, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report.rows()
+    keys = report.swept_keys or ["run"]
+    metrics = report.metrics
+    if len(keys) == 1:
+        ncols = min(3, len(metrics))
+        nrows = math.ceil(len(metrics) / ncols)
+        cells = [(m, keys[0], divmod(i, ncols)) for i, m in enumerate(metrics)]
+    else:
+        ncols, nrows = len(keys), len(metrics)
+        cells = [(m, k, (i, j)) for i, m in enumerate(metrics) for j, k in enumerate(keys)]
+    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(cells) :]:
+        ax.set_visible(False)
+    for metric, key, (i, j) in cells:
+        ax = axes[i][j]
+        raw = [row[key] if key != "run" else row["run"] for row in rows]
+        xs, labels = _axis_values(raw)
+        ys = [float(row[metric]) for row in rows]
+        points = sorted((x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y))
+        if points:
+            px, py = zip(*points, strict=True)
+            style = "o-" if len(keys) == 1 else "o"
+            ax.plot(px, py, style)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_xlabel(key)
+        ax.set_title(metric)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{report.sweep_dir.name}: final metrics vs {', '.join(keys)}")
+    fig.savefig(path, dpi=100)
+
+
+def write_report(report: Report, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out_dir`` (default: sweep dir).
+
+    Returns:
+        ``{"markdown": path, "csv": path, "png": path}`` (also stored in ``report.files``).
+    """
+    out = Path(out_dir) if out_dir is not None else report.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    files["markdown"].write_text(_markdown(report))
+    _write_csv(report, files["csv"])
+    _plot(report, files["png"])
+    report.files = files
+    log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
+    return files
+
+
+def make_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> Report:
+    """Read a sweep and write its report (see the module docstring).
+
+    Args:
+        sweep_dir: ``outputs/multirun/<date_time>`` (or one run's dir).
+        out_dir: where to write; default ``sweep_dir``.
+        metrics: TensorBoard scalar tags to report.
+
+    Returns:
+        The :class:`Report`, with ``files`` set.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` is missing or holds no run.
+    """
+    report = collect(sweep_dir, metrics)
+    write_report(report, out_dir)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m src.report SWEEP_DIR [--out DIR] [--metrics M ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m src.report",
+        description="Tabulate and plot the final metrics of a Hydra sweep against its swept "
+        "values (report.md, report.csv, report.png).",
+    )
+    parser.add_argument("sweep_dir", help="a multirun dir, e.g. outputs/multirun/<date_time>")
+    parser.add_argument("--out", default=None, help="output dir (default: the sweep dir)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(DEFAULT_METRICS),
+        help="TensorBoard scalar tags to report (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
+    try:
+        report = make_report(args.sweep_dir, args.out, args.metrics)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in report.files.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

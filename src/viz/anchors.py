@@ -1,0 +1,411 @@
+"""Seeing inside a trained SSD, one anchor at a time.
+
+:func:`analyze_anchors` runs a net on one image and, for every *positive* anchor (one matched to a
+ground-truth box by the target encoder), collects
+
+* the anchor, its matched ground-truth box and the box predicted from it (decoded with
+  :meth:`~src.detection.coder.BoxCoder.decode`: ``cx = cx_a + 0.1 * l_x * w_a``,
+  ``w = w_a * exp(0.2 * l_w)``),
+* ``J``: the Jaccard overlap (IoU) of the predicted box with its matched ground truth,
+* ``L``: the anchor's localisation loss, the configured box loss summed over the 4 offsets
+  (``MultiBoxLoss``'s ``per_anchor_box``),
+
+and the *negatives* (background anchors) that hard negative mining keeps in the classification
+term: the configured miner's choice, or, for a loss without mining, those a
+``HardNegativeMiner(3)`` would keep.
+
+:func:`anchor_panels_figure` draws one panel per positive anchor (sorted by decreasing ``L``,
+capped) and :func:`negatives_figure` the kept negatives. Figures are matplotlib ``Figure`` objects
+on the Agg canvas (no pyplot state), saved with ``fig.savefig`` or turned into an image tensor
+with :func:`figure_to_tensor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from src.detection.box_ops import box_iou
+from src.detection.coder import BoxCoder
+from src.detection.mining import HardNegativeMiner
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AnchorAnalysis",
+    "analyze_anchors",
+    "analyze_module",
+    "anchor_panels_figure",
+    "negatives_figure",
+    "figure_to_tensor",
+    "panels_summary",
+]
+
+GT_COLOR = "lime"
+ANCHOR_COLOR = "deepskyblue"
+PRED_COLOR = "red"
+POS_COLOR = "cyan"
+
+
+@dataclass
+class AnchorAnalysis:
+    """Per-anchor view of one image (all tensors on CPU; boxes normalised xyxy).
+
+    Attributes:
+        image: ``Tensor[3, H, W]`` float in [0, 1], the net's input.
+        gt_boxes: ``Tensor[G, 4]`` ground-truth boxes.
+        gt_labels: ``Tensor[G]`` int64, 0-based classes.
+        anchor_index: ``Tensor[P]`` int64, indices (into the net's ``A`` anchors) of the
+            positive anchors shown, sorted by decreasing ``box_loss``; ``P = min(#positives,
+            max_panels)``.
+        anchors: ``Tensor[P, 4]`` those anchors.
+        pred_boxes: ``Tensor[P, 4]`` boxes decoded from each anchor's predicted offsets.
+        matched_index: ``Tensor[P]`` int64, index of each anchor's ground truth in ``gt_boxes``.
+        matched_boxes: ``Tensor[P, 4]`` each anchor's ground-truth box.
+        iou: ``Tensor[P]`` float, ``J = IoU(pred_boxes[i], matched_boxes[i])``.
+        box_loss: ``Tensor[P]`` float, ``L``: the box loss summed over the 4 offsets.
+        cls_loss: ``Tensor[P]`` float, the anchor's classification loss.
+        score: ``Tensor[P]`` float, the softmax probability of the matched class.
+        num_positives: number of positive anchors in the image (before the cap).
+        negative_index: ``Tensor[N]`` int64, the kept negatives, by decreasing ``cls_loss``.
+        negative_anchors: ``Tensor[N, 4]`` their anchors.
+        negative_cls_loss: ``Tensor[N]`` float, their classification loss.
+        num_negatives: number of negative anchors in the image.
+        mining_note: how the negatives were chosen (for titles).
+        box_loss_name: the box loss's ``repr`` (for titles).
+    """
+
+    image: Tensor
+    gt_boxes: Tensor
+    gt_labels: Tensor
+    anchor_index: Tensor
+    anchors: Tensor
+    pred_boxes: Tensor
+    matched_index: Tensor
+    matched_boxes: Tensor
+    iou: Tensor
+    box_loss: Tensor
+    cls_loss: Tensor
+    score: Tensor
+    num_positives: int
+    negative_index: Tensor
+    negative_anchors: Tensor
+    negative_cls_loss: Tensor
+    num_negatives: int
+    mining_note: str
+    box_loss_name: str
+
+    @property
+    def num_panels(self) -> int:
+        """Number of positive-anchor panels (``P``)."""
+        return int(self.anchor_index.numel())
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    param = next(net.parameters(), None)
+    if param is None:
+        param = next(net.buffers(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def analyze_anchors(
+    net: nn.Module,
+    target_encoder: Callable[..., Any],
+    loss_fn: nn.Module,
+    image: Tensor,
+    target: Mapping[str, Any],
+    max_panels: int | None = 16,
+    miner: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> AnchorAnalysis:
+    """Per-anchor predictions, overlaps and losses of one image.
+
+    Args:
+        net: an SSD net, ``net(images[B, 3, H, W]) -> SSDOutput(cls_logits, box_deltas,
+            anchors)``; run as given (put it in eval mode first).
+        target_encoder: a :class:`~src.detection.targets.TargetEncoder`; its ``coder`` decodes
+            the predictions (a default :class:`BoxCoder` if it has none).
+        loss_fn: a :class:`~src.detection.losses.MultiBoxLoss`.
+        image: ``Tensor[3, H, W]`` float in [0, 1], already at the net's input size.
+        target: ``boxes: Tensor[G, 4]`` normalised xyxy, ``labels: Tensor[G]`` int64 0-based.
+        max_panels: the number of positive anchors kept (highest ``L`` first); ``None``: all.
+        miner: negatives to show when ``loss_fn`` has no mining; default
+            ``HardNegativeMiner(3.0)``.
+
+    Returns:
+        An :class:`AnchorAnalysis` (CPU tensors). Inputs are not modified.
+
+    Raises:
+        ValueError: on a bad ``max_panels`` or image shape.
+    """
+    if max_panels is not None and (isinstance(max_panels, bool) or int(max_panels) < 1):
+        raise ValueError(f"max_panels must be an integer >= 1 or null, got {max_panels!r}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be a Tensor[3, H, W], got shape {list(image.shape)}")
+    device = _device_of(net)
+    x = image.to(device=device, dtype=torch.float32).unsqueeze(0)
+    boxes = torch.as_tensor(target["boxes"]).to(device=device, dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(target["labels"]).to(device=device, dtype=torch.int64).reshape(-1)
+    out = net(x)
+    anchors = out.anchors.reshape(-1, 4)
+    encoded = target_encoder(anchors, [{"boxes": boxes, "labels": labels}])
+    losses = loss_fn(out.cls_logits, out.box_deltas, encoded)
+
+    pos = encoded.pos_mask[0]
+    pos_idx = pos.nonzero().squeeze(1)
+    order = torch.sort(losses.per_anchor_box[0, pos_idx], descending=True, stable=True).indices
+    if max_panels is not None:
+        order = order[: int(max_panels)]
+    idx = pos_idx[order]
+    coder = getattr(target_encoder, "coder", None) or BoxCoder()
+    pred = coder.decode(out.box_deltas[0, idx], anchors[idx])
+    matched = encoded.matched_idx[0, idx]
+    matched_boxes = boxes[matched]
+    iou = box_iou(pred, matched_boxes).diagonal() if idx.numel() else pred.new_zeros(0)
+    probs = out.cls_logits[0, idx].float().softmax(dim=-1)
+    score = probs.gather(1, encoded.cls_labels[0, idx].unsqueeze(1)).squeeze(1)
+
+    configured = getattr(loss_fn, "mining", None)
+    if configured is not None:
+        kept = losses.cls_mask[0] & ~pos
+        note = f"kept by hard negative mining, {configured!r}"
+    else:
+        fallback = miner if miner is not None else HardNegativeMiner(3.0)
+        kept = fallback(losses.per_anchor_cls, encoded.pos_mask)[0] & ~pos
+        note = f"mining=none (every negative counts); shown: those {fallback!r} would keep"
+    neg_idx = kept.nonzero().squeeze(1)
+    neg_loss = losses.per_anchor_cls[0, neg_idx]
+    neg_order = torch.sort(neg_loss, descending=True, stable=True).indices
+    neg_idx = neg_idx[neg_order]
+
+    def cpu(t: Tensor) -> Tensor:
+        return t.detach().cpu()
+
+    return AnchorAnalysis(
+        image=cpu(image).float(),
+        gt_boxes=cpu(boxes),
+        gt_labels=cpu(labels),
+        anchor_index=cpu(idx),
+        anchors=cpu(anchors[idx]),
+        pred_boxes=cpu(pred),
+        matched_index=cpu(matched),
+        matched_boxes=cpu(matched_boxes),
+        iou=cpu(iou),
+        box_loss=cpu(losses.per_anchor_box[0, idx]),
+        cls_loss=cpu(losses.per_anchor_cls[0, idx]),
+        score=cpu(score),
+        num_positives=int(pos_idx.numel()),
+        negative_index=cpu(neg_idx),
+        negative_anchors=cpu(anchors[neg_idx]),
+        negative_cls_loss=cpu(losses.per_anchor_cls[0, neg_idx]),
+        num_negatives=int((~pos).sum()),
+        mining_note=note,
+        box_loss_name=repr(getattr(loss_fn, "box_loss", "box loss")),
+    )
+
+
+def analyze_module(
+    module: Any,
+    image: Tensor,
+    target: Mapping[str, Any],
+    max_panels: int | None = 16,
+    miner: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> AnchorAnalysis:
+    """Run :func:`analyze_anchors` with the parts of an ``SSDLitModule``, in eval mode.
+
+    Uses ``module.net``, ``module.target_encoder`` and ``module.loss_fn``; the module's
+    training mode is restored afterwards.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        return analyze_anchors(
+            module.net, module.target_encoder, module.loss_fn, image, target, max_panels, miner
+        )
+    finally:
+        module.train(was_training)
+
+
+# ------------------------------------------------------------------------------------ drawing
+def _show(ax: Any, image: Tensor) -> tuple[int, int]:
+    height, width = image.shape[-2:]
+    ax.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy(), extent=(0, width, height, 0))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return height, width
+
+
+def _boxes(ax: Any, boxes: Tensor, size: tuple[int, int], **style: Any) -> None:
+    """Draw normalised xyxy ``boxes[N, 4]`` as rectangle outlines (one collection, no loop)."""
+    if boxes.numel() == 0:
+        return
+    height, width = size
+    px = boxes.reshape(-1, 4).float() * torch.tensor([width, height, width, height])
+    x0, y0, x1, y1 = px.unbind(-1)
+    verts = torch.stack(
+        (
+            torch.stack((x0, y0), -1),
+            torch.stack((x1, y0), -1),
+            torch.stack((x1, y1), -1),
+            torch.stack((x0, y1), -1),
+        ),
+        dim=1,
+    )  # [N, 4 corners, 2]
+    ax.add_collection(PolyCollection(verts.numpy(), closed=True, facecolors="none", **style))
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return (n + ncols - 1) // ncols, ncols
+
+
+def anchor_panels_figure(
+    analysis: AnchorAnalysis,
+    show_anchor: bool = True,
+    ncols: int = 4,
+    panel_size: float = 2.6,
+    title: str | None = None,
+) -> Figure:
+    """One panel per positive anchor: ground truth, anchor, predicted box, ``J`` and ``L``.
+
+    Args:
+        analysis: from :func:`analyze_anchors`.
+        show_anchor: draw the anchor itself (dashed).
+        ncols: panels per row.
+        panel_size: inches per panel.
+        title: first line of the figure title.
+
+    Returns:
+        A matplotlib ``Figure`` (Agg canvas attached).
+    """
+    n = analysis.num_panels
+    nrows, ncols = _grid(max(n, 1), ncols)
+    width = max(panel_size * ncols, 7.5)
+    fig = Figure(figsize=(width, panel_size * nrows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[max(n, 1) :]:
+        ax.set_visible(False)
+    if n == 0:
+        ax = axes[0][0]
+        size = _show(ax, analysis.image)
+        _boxes(ax, analysis.gt_boxes, size, edgecolors=GT_COLOR, linewidths=2)
+        ax.set_title("no positive anchor", fontsize=9)
+    for k in range(n):
+        ax = axes.flat[k]
+        size = _show(ax, analysis.image)
+        _boxes(ax, analysis.matched_boxes[k : k + 1], size, edgecolors=GT_COLOR, linewidths=2)
+        _boxes(ax, analysis.pred_boxes[k : k + 1], size, edgecolors=PRED_COLOR, linewidths=1.5)
+        if show_anchor:  # dashed, on top: an untrained net predicts the anchor itself
+            _boxes(
+                ax,
+                analysis.anchors[k : k + 1],
+                size,
+                edgecolors=ANCHOR_COLOR,
+                linewidths=1.5,
+                linestyles="--",
+            )
+        ax.set_title(
+            f"#{int(analysis.anchor_index[k])}  J={float(analysis.iou[k]):.2f}  "
+            f"L={float(analysis.box_loss[k]):.3f}\np={float(analysis.score[k]):.2f}",
+            fontsize=9,
+        )
+    shown = (
+        f"{n} of {analysis.num_positives} positive anchors"
+        if n < analysis.num_positives
+        else f"{n} positive anchors"
+    )
+    legend = "green: ground truth, " + ("blue dashed: anchor, " if show_anchor else "")
+    lines = [
+        title or "Positive anchors, by decreasing box loss",
+        f"{shown}; {legend}red: predicted box decoded from the anchor",
+        f"J = IoU(predicted, ground truth), L = {analysis.box_loss_name} summed over the 4 "
+        "offsets, p = class probability",
+    ]
+    wrapped = [part for line in lines for part in textwrap.wrap(line, int(width * 13))]
+    fig.suptitle("\n".join(wrapped), fontsize=9)
+    return fig
+
+
+def negatives_figure(
+    analysis: AnchorAnalysis, size: float = 6.0, title: str | None = None
+) -> Figure:
+    """The negatives hard negative mining keeps (colour: classification loss), and the positives.
+
+    Args:
+        analysis: from :func:`analyze_anchors`.
+        size: figure size in inches.
+        title: first line of the title.
+
+    Returns:
+        A matplotlib ``Figure`` (Agg canvas attached).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    fig = Figure(figsize=(size + 1.0, size + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    shape = _show(ax, analysis.image)
+    losses = analysis.negative_cls_loss
+    cmap = colormaps["autumn_r"]
+    norm = Normalize(
+        float(losses.min()) if losses.numel() else 0.0,
+        float(losses.max()) if losses.numel() else 1.0,
+    )
+    # Weakest first so that the hardest negatives are drawn on top.
+    colors = cmap(norm(losses.flip(0).numpy()))
+    _boxes(ax, analysis.negative_anchors.flip(0), shape, edgecolors=colors, linewidths=1.0)
+    _boxes(ax, analysis.anchors, shape, edgecolors=POS_COLOR, linewidths=1.0, linestyles="--")
+    _boxes(ax, analysis.gt_boxes, shape, edgecolors=GT_COLOR, linewidths=2.0)
+    if losses.numel():
+        from matplotlib.cm import ScalarMappable
+
+        fig.colorbar(
+            ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label="classification loss"
+        )
+    lines = [
+        title or "Hard negatives",
+        *textwrap.wrap(analysis.mining_note, 80),
+        f"{analysis.negative_index.numel()} of {analysis.num_negatives} negatives, colour: "
+        "classification loss",
+        "green: ground truth, cyan dashed: positive anchors",
+    ]
+    ax.set_title("\n".join(lines), fontsize=9)
+    return fig
+
+
+def figure_to_tensor(fig: Figure) -> Tensor:
+    """Render a figure to ``Tensor[3, H, W]`` uint8 (for ``SummaryWriter.add_image``)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
+
+
+def panels_summary(analysis: AnchorAnalysis) -> list[dict[str, Any]]:
+    """The panels as plain records (``anchor``, ``J``, ``L``, ``p``, boxes as lists)."""
+    columns = zip(
+        analysis.anchor_index.tolist(),
+        analysis.iou.tolist(),
+        analysis.box_loss.tolist(),
+        analysis.score.tolist(),
+        analysis.anchors.tolist(),
+        analysis.pred_boxes.tolist(),
+        analysis.matched_boxes.tolist(),
+        strict=True,
+    )
+    keys = ("anchor", "J", "L", "p", "anchor_box", "pred_box", "gt_box")
+    return [dict(zip(keys, values, strict=True)) for values in columns]

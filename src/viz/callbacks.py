@@ -1,0 +1,130 @@
+"""Lightning callback: per-anchor pictures of fixed validation images in TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from src.viz.anchors import (
+    analyze_module,
+    anchor_panels_figure,
+    figure_to_tensor,
+    negatives_figure,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnchorPanelsCallback"]
+
+
+class AnchorPanelsCallback(Callback):
+    """Log, each validation epoch, the per-anchor panels of the first validation images.
+
+    For each of the first ``num_images`` images of the validation set (always the same ones),
+    two images go to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` (other loggers
+    are skipped; nothing is computed without one, e.g. under ``fast_dev_run``):
+
+    * ``<tag>/anchors/<i>``: one panel per positive anchor (ground truth, anchor, decoded
+      prediction, ``J`` and ``L``; see :func:`src.viz.anchors.anchor_panels_figure`);
+    * ``<tag>/negatives/<i>``: the negatives hard negative mining keeps.
+
+    The module must have ``net``, ``target_encoder`` and ``loss_fn`` (``SSDLitModule``).
+
+    Args:
+        num_images: validation images drawn (0 disables the callback).
+        max_panels: positive anchors per image (highest box loss first).
+        show_anchor: draw the anchors in the panels.
+        every_n_epochs: draw every n-th validation epoch.
+        tag: prefix of the TensorBoard image tags.
+        dpi: resolution of the rendered figures.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 2,
+        max_panels: int = 8,
+        show_anchor: bool = True,
+        every_n_epochs: int = 1,
+        tag: str = "val",
+        dpi: int = 72,
+    ) -> None:
+        if int(num_images) < 0:
+            raise ValueError(f"callbacks.anchor_panels.num_images must be >= 0, got {num_images}")
+        if int(max_panels) < 1:
+            raise ValueError(f"callbacks.anchor_panels.max_panels must be >= 1, got {max_panels}")
+        if int(every_n_epochs) < 1:
+            raise ValueError(
+                f"callbacks.anchor_panels.every_n_epochs must be >= 1, got {every_n_epochs}"
+            )
+        self.num_images = int(num_images)
+        self.max_panels = int(max_panels)
+        self.show_anchor = bool(show_anchor)
+        self.every_n_epochs = int(every_n_epochs)
+        self.tag = tag
+        self.dpi = int(dpi)
+        self._examples: list[tuple[Tensor, dict[str, Tensor]]] | None = None
+
+    @staticmethod
+    def _val_dataset(trainer: Trainer) -> Any:
+        loaders = getattr(trainer, "val_dataloaders", None)
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0] if loaders else None
+        dataset = getattr(loaders, "dataset", None)
+        if dataset is None and getattr(trainer, "datamodule", None) is not None:
+            dataset = trainer.datamodule.val_dataloader().dataset
+        return dataset
+
+    def _get_examples(self, trainer: Trainer) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        if self._examples is None:
+            dataset = self._val_dataset(trainer)
+            if dataset is None:
+                log.warning("AnchorPanelsCallback: no validation dataset found; nothing drawn")
+                self._examples = []
+                return self._examples
+            count = min(self.num_images, len(dataset))
+            examples = []
+            for i in range(count):
+                image, target = dataset[i]
+                examples.append(
+                    (
+                        image.detach().cpu(),
+                        {"boxes": target["boxes"].cpu(), "labels": target["labels"].cpu()},
+                    )
+                )
+            self._examples = examples
+        return self._examples
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the fixed images' anchors and log them to TensorBoard."""
+        if self.num_images == 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if trainer.current_epoch % self.every_n_epochs != 0:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        for i, (image, target) in enumerate(self._get_examples(trainer)):
+            analysis = analyze_module(pl_module, image, target, max_panels=self.max_panels)
+            panels = anchor_panels_figure(
+                analysis,
+                show_anchor=self.show_anchor,
+                title=f"Validation image {i}, epoch {trainer.current_epoch}",
+            )
+            negatives = negatives_figure(
+                analysis,
+                size=5.0,
+                title=f"Validation image {i}, epoch {trainer.current_epoch}: hard negatives",
+            )
+            for fig in (panels, negatives):
+                fig.set_dpi(self.dpi)
+            pictures = {
+                f"{self.tag}/anchors/{i}": figure_to_tensor(panels),
+                f"{self.tag}/negatives/{i}": figure_to_tensor(negatives),
+            }
+            for logger in loggers:
+                for name, picture in pictures.items():
+                    logger.experiment.add_image(name, picture, trainer.global_step)

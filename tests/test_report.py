@@ -1,0 +1,123 @@
+"""``src.report`` on hand-made sweep dirs (TensorBoard events written with SummaryWriter)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from src.report import DEFAULT_METRICS, collect, main, make_report, swept_keys
+
+
+def make_run(
+    run_dir: Path, overrides: list[str], scalars: dict[str, list[tuple[int, float]]] | None
+) -> Path:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("task_name: train\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if scalars is not None:
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        for tag, values in scalars.items():
+            for step, value in values:
+                writer.add_scalar(tag, value, step)
+        writer.close()
+    return run_dir
+
+
+def full_metrics(base: float) -> dict[str, list[tuple[int, float]]]:
+    return {m: [(0, 9.0), (3, base + i / 10)] for i, m in enumerate(DEFAULT_METRICS)}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun" / "2024-01-01_00-00-00"
+    for job, sigma in enumerate(["0.5", "1", "10"]):
+        make_run(
+            root / str(job),
+            ["loss=smooth_l1", f"loss.sigma={sigma}", "data.batch_size=4"],
+            full_metrics(job),
+        )
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_table_csv_and_plot(sweep: Path) -> None:
+    report = make_report(sweep)
+    assert report.swept_keys == ["loss.sigma"]
+    rows = report.rows()
+    assert [r["loss.sigma"] for r in rows] == [0.5, 1, 10]
+    for job, row in enumerate(rows):
+        for i, metric in enumerate(DEFAULT_METRICS):
+            assert row[metric] == pytest.approx(job + i / 10)  # the last step's value
+    md = (sweep / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3  # header + 3 runs
+    assert "loss.sigma" in table[0] and "val/mAP_50" in table[0]
+    assert "data.batch_size" not in md  # not swept
+    with (sweep / "report.csv").open() as fh:
+        records = list(csv.DictReader(fh))
+    assert [r["loss.sigma"] for r in records] == ["0.5", "1", "10"]
+    assert float(records[2]["val/loss"]) == pytest.approx(2 + 0.5)
+    assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.files["markdown"] == sweep / "report.md"
+
+
+def test_runs_without_events_are_reported_missing(sweep: Path, tmp_path: Path) -> None:
+    make_run(sweep / "3", ["loss=smooth_l1", "loss.sigma=100", "data.batch_size=4"], None)
+    partial = {"val/mAP_50": [(0, 0.5)]}
+    make_run(sweep / "4", ["loss=smooth_l1", "loss.sigma=1000", "data.batch_size=4"], partial)
+    report = make_report(sweep, out_dir=tmp_path / "out")
+    status = {r.name: r.status for r in report.runs}
+    assert status == {"0": "ok", "1": "ok", "2": "ok", "3": "no events", "4": "incomplete"}
+    rows = report.rows()
+    assert all(math.isnan(rows[3][m]) for m in DEFAULT_METRICS)
+    assert rows[4]["val/mAP_50"] == 0.5 and math.isnan(rows[4]["val/loss"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "missing" in md and "no events" in md and str(sweep / "3") in md
+    assert (tmp_path / "out" / "report.png").is_file()
+    assert not (sweep / "report.md").exists()
+
+
+def test_job_order_is_numeric_and_group_overrides_count(tmp_path: Path) -> None:
+    for job in range(11):
+        loss = "focal" if job % 2 else "l1"
+        make_run(tmp_path / str(job), [f"loss={loss}", "+trainer.max_epochs=1"], None)
+    report = collect(tmp_path)
+    assert [r.name for r in report.runs] == [str(i) for i in range(11)]
+    assert report.swept_keys == ["loss"]
+    assert report.runs[0].overrides == {"loss": "l1", "trainer.max_epochs": "1"}
+
+
+def test_swept_keys_include_keys_set_in_some_runs_only() -> None:
+    runs = [{"a": "1", "b": "x"}, {"a": "1", "b": "y", "c": "2"}, {"a": "1", "b": "x"}]
+    assert swept_keys(runs) == ["b", "c"]
+    assert swept_keys([{"a": "1"}]) == []
+
+
+def test_single_run_dir(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", ["loss=l1"], full_metrics(0))
+    report = make_report(run)
+    assert len(report.runs) == 1 and report.swept_keys == []
+    assert (run / "report.md").is_file()
+
+
+def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no runs found under .*empty"):
+        make_report(tmp_path / "empty")
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs found" in capsys.readouterr().err
+
+
+def test_cli_prints_the_files(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(sweep), "--metrics", "val/mAP_50", "val/loss"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(sweep / f"report.{ext}") for ext in ("md", "csv", "png")]
+    header = (sweep / "report.csv").read_text().splitlines()[0]
+    assert header == "run,loss.sigma,val/mAP_50,val/loss,status"

@@ -1,0 +1,234 @@
+"""Sweeps from the command line: a 3-value multirun + its report, an Optuna search, bad values.
+
+The multirun and the Optuna search run ``python -m src.train -m ...`` in a subprocess, exactly as
+a user would, on the tiny synthetic banana set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.utils import instantiate
+
+from src.detection.losses import FocalLoss, L1Loss, MultiBoxLoss, SmoothL1Loss
+from src.detection.mining import HardNegativeMiner
+from src.train import train
+from tests.conftest import ROOT, compose_config, train_overrides
+
+SIGMAS = ("0.5", "1", "10")
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT), "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+def data_overrides(data_dir: Path) -> list[str]:
+    """The tiny-data overrides, without paths.output_dir (each job gets its own dir)."""
+    return [o for o in train_overrides(Path(), data_dir) if not o.startswith("paths.output_dir=")]
+
+
+@pytest.fixture(scope="module")
+def sigma_sweep(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Path:
+    """``loss=smooth_l1 loss.sigma=0.5,1,10``: three 1-batch runs that write TensorBoard events."""
+    sweep_dir = tmp_path_factory.mktemp("multirun")
+    run_cli(
+        "-m",
+        "src.train",
+        "-m",
+        "loss=smooth_l1",
+        f"loss.sigma={','.join(SIGMAS)}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *data_overrides(banana_data_dir),
+        # fast_dev_run would disable the loggers: a short real run instead
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=1",
+        "++trainer.limit_val_batches=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null",
+        "callbacks.anchor_panels.num_images=1",
+    )
+    return sweep_dir
+
+
+def _accumulators(run_dir: Path) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dirs = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    assert dirs, f"no TensorBoard events under {run_dir / 'tensorboard'}"
+    accs = []
+    for d in sorted(dirs):
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        accs.append(acc)
+    return accs
+
+
+def test_multirun_writes_one_dir_per_value(sigma_sweep: Path) -> None:
+    jobs = sorted(p.name for p in sigma_sweep.iterdir() if (p / ".hydra").is_dir())
+    assert jobs == ["0", "1", "2"]
+    for job, sigma in zip(jobs, SIGMAS, strict=True):
+        overrides = yaml.safe_load((sigma_sweep / job / ".hydra" / "overrides.yaml").read_text())
+        assert f"loss.sigma={sigma}" in overrides
+        config = yaml.safe_load((sigma_sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["loss"]["name"] == "smooth_l1"
+        assert float(config["loss"]["sigma"]) == float(sigma)
+
+
+def test_hparams_tab_has_swept_key_and_final_metrics(sigma_sweep: Path) -> None:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for job, sigma in enumerate(SIGMAS):
+        hparams: dict = {}
+        metric_tags: set[str] = set()
+        scalars: dict[str, float] = {}
+        image_tags: set[str] = set()
+        for acc in _accumulators(sigma_sweep / str(job)):
+            for content in acc.PluginTagToContent("hparams").values():
+                data = plugin_data_pb2.HParamsPluginData.FromString(content)
+                if data.HasField("session_start_info"):
+                    hparams.update(data.session_start_info.hparams)
+                if data.HasField("experiment"):
+                    metric_tags |= {m.name.tag for m in data.experiment.metric_infos}
+            for tag in acc.Tags()["scalars"]:
+                scalars[tag] = acc.Scalars(tag)[-1].value
+            image_tags |= set(acc.Tags()["images"])
+        assert "loss.sigma" in hparams, sorted(hparams)
+        assert hparams["loss.sigma"].number_value == pytest.approx(float(sigma))
+        assert "final/val_mAP_50" in metric_tags
+        assert math.isfinite(scalars["final/val_mAP_50"])
+        # the per-anchor pictures of the AnchorPanelsCallback (callbacks/default.yaml)
+        assert {"val/anchors/0", "val/negatives/0"} <= image_tags
+
+
+def test_report_command_on_the_sweep(sigma_sweep: Path) -> None:
+    proc = run_cli("-m", "src.report", str(sigma_sweep), timeout=120)
+    assert str(sigma_sweep / "report.md") in proc.stdout
+    md = (sigma_sweep / "report.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+    assert len(rows) == 3
+    assert header[:2] == ["run", "loss.sigma"]
+    assert [r[1] for r in rows] == list(SIGMAS)
+    metric_cols = ["val/mAP_50", "val/class_err", "val/bbox_mae", "train/class_err"]
+    metric_cols += ["train/bbox_mae", "val/loss"]
+    for name in metric_cols:
+        col = header.index(name)
+        assert all(math.isfinite(float(r[col])) for r in rows), (name, rows)
+    assert all(r[-1] == "ok" for r in rows)
+    assert (sigma_sweep / "report.csv").is_file() and (sigma_sweep / "report.png").is_file()
+
+
+def test_optuna_search_two_trials(tmp_path: Path, banana_data_dir: Path) -> None:
+    run_cli(
+        "-m",
+        "src.train",
+        "-m",
+        "hparams_search=banana_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+        "debug=fdr",
+        *data_overrides(banana_data_dir),
+        "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null",
+    )
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    params = {"loss.sigma", "loss.gamma", "loss.alpha", "model.optimizer.lr"}
+    assert set(results["best_params"]) == params
+    assert 0.0 <= results["best_value"] <= 1.0  # val/mAP_50
+    for trial in ("0", "1"):
+        config = yaml.safe_load((tmp_path / trial / ".hydra" / "config.yaml").read_text())
+        overrides = yaml.safe_load((tmp_path / trial / ".hydra" / "overrides.yaml").read_text())
+        assert config["loss"]["name"] == "focal"
+        assert {o.split("=")[0] for o in overrides} >= params
+        assert 0.0 < config["loss"]["alpha"] <= 1.0 and config["loss"]["gamma"] >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["loss=smooth_l1", "loss.sigma=-1"], "loss.sigma must be > 0"),
+        (["loss=focal", "loss.sigma=0"], "loss.sigma must be > 0"),
+        (["loss=focal", "loss.gamma=-1"], "loss.gamma must be >= 0"),
+        (["loss=focal", "loss.alpha=0"], "loss.alpha must be > 0 and <= 1"),
+        (["loss=focal", "loss.alpha=1.5"], "loss.alpha must be > 0 and <= 1"),
+        (["mining=hard_negative", "mining.neg_pos_ratio=0"], "mining.neg_pos_ratio must be > 0"),
+        (["mining=hard_negative", "mining.neg_pos_ratio=-3"], "mining.neg_pos_ratio must be > 0"),
+    ],
+)
+def test_bad_values_fail_before_training(
+    bad: list[str],
+    message: str,
+    tmp_path: Path,
+    banana_data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning.pytorch import Trainer
+
+    def no_fit(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("training started despite an invalid hyper-parameter")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    cfg = compose_config("train", train_overrides(tmp_path, banana_data_dir, *bad))
+    with pytest.raises(Exception) as err:
+        train(cfg)
+    assert re.search(re.escape(message), str(err.value)), str(err.value)
+    chain, cause = [], err.value
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__
+    assert any(isinstance(e, ValueError) for e in chain)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("gamma", ["0", "1", "2", "5"])
+def test_focal_gamma_sweep_values_build(gamma: str, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train", [f"paths.output_dir={tmp_path}", "loss=focal", f"loss.gamma={gamma}"]
+    )
+    loss = instantiate(cfg.loss.module)
+    assert isinstance(loss.cls_loss, FocalLoss) and loss.cls_loss.gamma == float(gamma)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "cls_loss", "box_loss", "mined"),
+    [
+        ("banana_l1", "CrossEntropyLoss", L1Loss, False),
+        ("banana_smooth_l1", "CrossEntropyLoss", SmoothL1Loss, False),
+        ("banana_focal", "FocalLoss", L1Loss, False),
+        ("banana_l1_hnm", "CrossEntropyLoss", L1Loss, True),
+    ],
+)
+def test_loss_exercise_experiments(
+    experiment: str, cls_loss: str, box_loss: type, mined: bool, tmp_path: Path
+) -> None:
+    cfg = compose_config("train", [f"paths.output_dir={tmp_path}", f"experiment={experiment}"])
+    assert cfg.task_name == experiment
+    assert "loss_exercise" in cfg.tags
+    # the d2l_banana recipe underneath
+    assert cfg.trainer.max_epochs == 20 and cfg.model.optimizer.lr == 0.2
+    assert cfg.model.postprocess.class_agnostic and cfg.data.batch_size == 32
+    loss = instantiate(cfg.loss.module)
+    assert isinstance(loss, MultiBoxLoss)
+    assert type(loss.cls_loss).__name__ == cls_loss
+    assert isinstance(loss.box_loss, box_loss)
+    assert isinstance(loss.mining, HardNegativeMiner) if mined else loss.mining is None
+    # command-line overrides still apply on top of an experiment
+    cfg = compose_config(
+        "train", [f"paths.output_dir={tmp_path}", f"experiment={experiment}", "loss.cls_weight=2"]
+    )
+    assert cfg.loss.cls_weight == 2
