@@ -1,5 +1,6 @@
-"""Detection metrics: the book's class error and bbox MAE, VOC mAP."""
+"""Detection metrics: the book's class error and bbox MAE, VOC mAP with the devkit's rules."""
 
 from src.metrics.book import BBoxMAE, ClassError
+from src.metrics.voc_map import VOCMeanAveragePrecision
 
-__all__ = ["BBoxMAE", "ClassError"]
+__all__ = ["BBoxMAE", "ClassError", "VOCMeanAveragePrecision"]
