@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from src.data.collate import detection_collate
+from src.data.collate import detection_loader
 from src.data.download import BANANA_SHA1, BANANA_URL, DownloadError, download_and_extract
 from src.data.synthetic import generate_banana_dataset, synthetic_is_current
 from src.data.transforms import AUGMENTATIONS, IMAGENET_MEAN, build_transforms, parse_image_size
@@ -561,15 +561,7 @@ class BananaDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"BananaDataModule: call setup({stage!r}) before the dataloaders")
         hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-            collate_fn=detection_collate,
-            persistent_workers=hp.num_workers > 0,
-        )
+        return detection_loader(dataset, hp.batch_size, shuffle, hp.num_workers, hp.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``(images [B, 3, S, S], targets)``."""

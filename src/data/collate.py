@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 
 def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list[dict]]:
@@ -37,3 +38,21 @@ def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[T
             "the dataset transform must resize every image to data.image_size"
         )
     return torch.stack(images, dim=0), targets
+
+
+def detection_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """A ``DataLoader`` of ``(images, targets)`` batches with :func:`detection_collate`.
+
+    Workers persist across epochs when ``num_workers > 0``.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=detection_collate,
+        persistent_workers=num_workers > 0,
+    )

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from src.data.collate import detection_collate
+from src.data.collate import detection_loader
 from src.data.transforms import AUGMENTATIONS, IMAGENET_MEAN, build_transforms
 
 log = logging.getLogger(__name__)
@@ -609,14 +609,8 @@ class VOCDataModule(LightningDataModule):
     def _loader(self, dataset: VOCDataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"VOCDataModule.{name}_dataloader() called before setup()")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=detection_collate,
-            persistent_workers=self.num_workers > 0,
+        return detection_loader(
+            dataset, self.batch_size, shuffle, self.num_workers, self.pin_memory
         )
 
     def train_dataloader(self) -> DataLoader:
