@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks import d2l_reference as d2l  # noqa: E402
 
@@ -49,6 +50,23 @@ def make_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, list[dict[str, 
         for i in range(batch)
     ]
     return images, targets
+
+
+class _Repeat(Dataset):
+    """``steps`` copies of one ready-made batch."""
+
+    def __init__(self, batch, steps: int) -> None:  # noqa: ANN001
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):  # noqa: ANN204
+        return self.batch
+
+
+def _identity(x):  # noqa: ANN001, ANN202
+    return x
 
 
 class StepTimer(Callback):
@@ -81,7 +99,8 @@ def build_module():  # noqa: ANN201
 
 def time_module(module, batch, steps: int, device: torch.device) -> list[float]:  # noqa: ANN001
     timer = StepTimer(device)
-    loader = [batch] * steps  # the same batch every step, already collated
+    # the same batch every step, already collated (batch_size=None: no re-collation)
+    loader = DataLoader(_Repeat(batch, steps), batch_size=None, collate_fn=_identity)
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,

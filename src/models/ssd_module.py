@@ -106,6 +106,8 @@ class SSDLitModule(LightningModule):
             ``compute`` giving ``map_50`` and ``ap_per_class``) evaluated next to COCO mAP on the
             validation and test sets, with ``difficult`` objects ignored as the devkit does; None
             to skip it.
+        channels_last: run the net in ``torch.channels_last`` memory format (faster
+            convolutions on CPU and on GPU tensor cores; the weights and checkpoints are the same).
         init_from: initial weights for the net: a checkpoint of ``src.train`` (``.ckpt``), or an
             ``ssd.pytorch`` SSD300 state dict (keys ``vgg.*``, ``L2Norm.weight``, ``extras.*``,
             ``loc.*``, ``conf.*``), mapped onto this net by ``src.models.convert``.
@@ -127,6 +129,7 @@ class SSDLitModule(LightningModule):
         compile: bool = False,
         voc_metric: Metric | None = None,
         init_from: str | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -137,7 +140,7 @@ class SSDLitModule(LightningModule):
         self.save_hyperparameters(
             logger=False, ignore=["net", "loss", "postprocess", "target_encoder", "voc_metric"]
         )
-        self.net = net
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.loss_fn = loss
         self.postprocess = postprocess
         self.target_encoder = target_encoder if target_encoder is not None else TargetEncoder()
@@ -169,12 +172,14 @@ class SSDLitModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, images: Tensor):  # noqa: ANN201
         """Run the net: ``Tensor[B, 3, H, W]`` in [0, 1] -> ``SSDOutput``."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def model_step(self, batch: Batch):  # noqa: ANN201
         """Forward, encode targets against the net's anchors, and compute the loss."""
         images, targets = batch
-        out = self.net(images)
+        out = self(images)
         with torch.no_grad():
             encoded: MultiboxTargets = self.target_encoder(out.anchors, targets)
         losses = self.loss_fn(out.cls_logits, out.box_deltas, encoded)
