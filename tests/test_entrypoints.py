@@ -217,3 +217,42 @@ def test_eval_prints_per_class_voc_table(tmp_path: Path, caplog: pytest.LogCaptu
         acc.Reload()
         tags |= set(acc.Tags().get("tensors", []))
     assert any("per_class_AP50" in t for t in tags), tags
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path, banana_data_dir: Path) -> None:
+    """`trainer=ddp` runs through the real CLI (2 CPU processes, gloo) and logs synced metrics."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    overrides = train_overrides(
+        tmp_path / "run",
+        banana_data_dir,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.sync_batchnorm=false",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.anchor_panels=null",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    metrics = next((tmp_path / "run" / "csv").rglob("metrics.csv")).read_text()
+    assert "val/mAP_50" in metrics.splitlines()[0]

@@ -7,6 +7,7 @@ arrives built from the Hydra config; this module only wires the steps, metrics a
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from src.viz.boxes import detection_grid
 log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, list[dict[str, Any]]]
+
+# Every epoch-level value is a torchmetrics result computed in a module hook, where all ranks
+# run the same collectives in the same order, so it is already reduced over ranks. Logging it
+# with sync_dist=True would add reductions that Lightning runs lazily, first from rank 0's
+# progress bar and elsewhere on other ranks: a deadlock under DDP. Hence no sync_dist here, and
+# Lightning's generic advice to use it is silenced for this module's keys.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(train|val|test)/.*sync_dist=True"
+)
 
 
 def to_pixels(
@@ -163,6 +173,9 @@ class SSDLitModule(LightningModule):
         self.test_voc = voc_metric.clone() if voc_metric is not None else None
         #: the last VOC ``compute()`` result per stage, for per-class tables (``src.eval``).
         self.voc_results: dict[str, dict[str, Tensor]] = {}
+        self.train_losses = nn.ModuleDict(
+            {"loss": MeanMetric(), "cls_loss": MeanMetric(), "box_loss": MeanMetric()}
+        )
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._log_batch: tuple[Tensor, list[dict[str, Any]], list[dict[str, Tensor]]] | None = None
@@ -191,16 +204,19 @@ class SSDLitModule(LightningModule):
         bsz = out.cls_logits.shape[0]
         self.train_metrics["class_err"].update(out.cls_logits, encoded.cls_labels)
         self.train_metrics["bbox_mae"].update(out.box_deltas, encoded.box_offsets, encoded.pos_mask)
-        self.log(
-            "train/loss", losses.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz
-        )
-        self.log("train/cls_loss", losses.cls_loss, on_step=False, on_epoch=True, batch_size=bsz)
-        self.log("train/box_loss", losses.box_loss, on_step=False, on_epoch=True, batch_size=bsz)
+        # per-step value only: epoch means come from the MeanMetrics in on_train_epoch_end
+        self.log("train/loss_step", losses.loss, prog_bar=True, batch_size=bsz)
+        for name, metric in self.train_losses.items():
+            metric.update(getattr(losses, name).detach(), bsz)
         return losses.loss
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's class error and bbox MAE."""
-        self.log_dict(self.train_metrics.compute(), prog_bar=True)
+        values = dict(self.train_metrics.compute())
+        for name, metric in self.train_losses.items():
+            values[f"train/{name}_epoch" if name == "loss" else f"train/{name}"] = metric.compute()
+            metric.reset()
+        self.log_dict(values, prog_bar=True)
         self.train_metrics.reset()
 
     def _eval_step(self, batch: Batch, stage: str) -> list[dict[str, Tensor]]:
@@ -257,7 +273,7 @@ class SSDLitModule(LightningModule):
         values[f"{stage}/mAP"] = maps["map"]
         values[f"{stage}/mAP_50"] = maps["map_50"]
         values[f"{stage}/mAP_75"] = maps["map_75"]
-        self.log_dict(values, prog_bar=True, sync_dist=False)
+        self.log_dict(values, prog_bar=True)
         voc = self.val_voc if stage == "val" else self.test_voc
         if voc is not None:
             results = voc.compute()
