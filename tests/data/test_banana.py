@@ -23,14 +23,6 @@ IMG_H, IMG_W = 48, 64
 HEADER = "img_name,label,xmin,ymin,xmax,ymax"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_split(
     split_dir: Path, rows: list[str], n_images: int = 3, size: tuple[int, int] = (IMG_H, IMG_W)
 ) -> None:

@@ -15,15 +15,6 @@ from src.data.transforms import DetectionTransform, build_transforms
 H, W = 120, 160  # input canvas (rows, cols)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads only slow these tiny ops down on a shared machine (7x with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _target(boxes: list[list[float]], labels: list[int], **extra) -> dict:
     return {
         "boxes": tv_tensors.BoundingBoxes(
