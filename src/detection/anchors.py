@@ -268,8 +268,9 @@ class GridAnchorGenerator(_CachedPerDevice):
 class SSDDefaultBoxGenerator(_CachedPerDevice):
     """SSD300/SSD512 default boxes (see :func:`ssd_default_boxes`).
 
-    The feature-map sizes are taken from the network at run time and checked against
-    ``image_size / step`` so a mismatched config fails loudly.
+    The feature-map sizes are taken from the network at run time (they must be square); the
+    box centres follow ``steps`` and ``image_size``, so :class:`src.models.ssd.SSD` rejects an
+    input whose size differs from ``image_size``.
     """
 
     def __init__(
