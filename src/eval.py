@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import load_module
-from src.utils.config import load_run_config, set_project_root
+from src.utils.config import set_project_root
 from src.utils.instantiate import instantiate_loggers
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    run_config, _ = load_run_config(cfg.ckpt_path)
-    model, _ = load_module(cfg.ckpt_path)
+    model, run_config = load_module(cfg.ckpt_path)
     datamodule = instantiate(data_config(cfg, run_config))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False)
@@ -62,10 +61,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects: dict[str, Any] = {"model": model, "datamodule": datamodule, "trainer": trainer}
     voc = model.voc_results.get(cfg.split)
     if voc is not None:
-        names = list(model.class_names or [str(c) for c in range(voc["ap_per_class"].numel())])
-        table = per_class_table(
-            names, voc["ap_per_class"].reshape(-1).tolist(), float(voc["map_50"])
-        )
+        ap = model.val_voc.per_class_ap(voc)
+        names = list(model.class_names or [str(c) for c in range(ap.numel())])
+        table = per_class_table(names, ap.tolist(), float(voc["map_50"]))
         log.info("Per-class VOC AP@0.5 (%s):\n%s", cfg.split, table)
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -421,6 +421,11 @@ class VOCMeanAveragePrecision(Metric):
             out["map_50"] = mean_ap
         return out
 
+    @staticmethod
+    def per_class_ap(results: dict[str, Tensor]) -> Tensor:
+        """``compute()``'s per-class AP as ``Tensor[C]`` (torchmetrics squeezes C = 1 to 0-d)."""
+        return results["ap_per_class"].reshape(-1)
+
     def ap_dict(self, results: dict[str, Tensor], prefix: str = "ap50/") -> dict[str, float]:
         """Flatten ``compute()``'s per-class AP into scalars for logging (classes with AP only).
 
@@ -432,6 +437,6 @@ class VOCMeanAveragePrecision(Metric):
             ``{prefix + class_name: ap}`` for classes with a non-nan AP.
 
         """
-        ap = results["ap_per_class"].reshape(-1)  # torchmetrics squeezes a 1-class result to 0-d
+        ap = self.per_class_ap(results)
         names = self.class_names or [str(c) for c in range(ap.numel())]
         return {f"{prefix}{names[c]}": float(ap[c]) for c in range(ap.numel()) if ap[c] == ap[c]}

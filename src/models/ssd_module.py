@@ -227,14 +227,9 @@ class SSDLitModule(LightningModule):
         metrics["bbox_mae"].update(out.box_deltas, encoded.box_offsets, encoded.pos_mask)
         (self.val_loss if stage == "val" else self.test_loss).update(losses.loss, images.shape[0])
         detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
-        gts = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         pixel_dets = to_pixels(detections, targets)
-        (self.val_map if stage == "val" else self.test_map).update(
-            pixel_dets, to_pixels(gts, targets)
-        )
-        voc = self.val_voc if stage == "val" else self.test_voc
-        if voc is not None:
-            voc_gts = [
+        pixel_gts = to_pixels(
+            [
                 {
                     "boxes": t["boxes"],
                     "labels": t["labels"],
@@ -243,8 +238,16 @@ class SSDLitModule(LightningModule):
                     ),
                 }
                 for t in targets
-            ]
-            voc.update(pixel_dets, to_pixels(voc_gts, targets))
+            ],
+            targets,
+        )
+        # COCO mAP takes boxes and labels only (difficult objects count there)
+        (self.val_map if stage == "val" else self.test_map).update(
+            pixel_dets, [{"boxes": g["boxes"], "labels": g["labels"]} for g in pixel_gts]
+        )
+        voc = self.val_voc if stage == "val" else self.test_voc
+        if voc is not None:
+            voc.update(pixel_dets, pixel_gts)
         return detections
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
