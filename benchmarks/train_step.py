@@ -93,7 +93,14 @@ class StepTimer(Callback):
 def build_module():  # noqa: ANN201
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=["experiment=d2l_banana", "paths.output_dir=/tmp/bench"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=d2l_banana",
+                "paths.output_dir=/tmp/bench",
+                "model.net.num_classes=1",
+            ],
+        )
     return instantiate(cfg.model, class_names=["banana"])
 
 

@@ -36,16 +36,37 @@ def _user_hparams(container: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fill_class_names(cfg: DictConfig, datamodule: Any) -> None:
-    """Set ``model.class_names`` (and the VOC metric's) from the datamodule where left null.
+def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
+    """Fill the class count and names that the data decide, where the config leaves them null.
 
-    The names then travel with the run config into checkpoints, so ``src.eval`` and
-    ``src.predict`` label boxes and per-class tables without the data.
+    ``model.net.num_classes`` becomes ``datamodule.num_classes``; ``model.class_names`` (and the
+    VOC metric's) become ``datamodule.classes``. The names then travel with the run config into
+    checkpoints, so ``src.eval`` and ``src.predict`` label boxes and per-class tables without
+    the data.
+
+    Raises:
+        ValueError: ``model.net.num_classes`` was set by hand and differs from the data's.
     """
     names = list(getattr(datamodule, "classes", []) or []) or None
-    if names is None:
-        return
+    count = getattr(datamodule, "num_classes", None)
+    if count is None and names is not None:
+        count = len(names)
     with open_dict(cfg):
+        net = cfg.model.net
+        if net.get("num_classes") is None:
+            if count is None:
+                raise ValueError(
+                    f"{type(datamodule).__name__} does not say how many classes it has; set "
+                    "model.net.num_classes=N"
+                )
+            net.num_classes = int(count)
+        elif count is not None and int(net.num_classes) != int(count):
+            raise ValueError(
+                f"model.net.num_classes={net.num_classes} but the data have {count} classes "
+                f"({names}); drop the model.net.num_classes override: the count comes from the data"
+            )
+        if names is None:
+            return
         if cfg.model.get("class_names") is None:
             cfg.model.class_names = names
         voc = cfg.model.get("voc_metric")
@@ -70,7 +91,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
 
     log.info("Instantiating model <%s>", cfg.model._target_)
-    fill_class_names(cfg, datamodule)
+    fill_from_datamodule(cfg, datamodule)
     model = instantiate(cfg.model)
     container = config_to_container(cfg)
     model.run_config = container
