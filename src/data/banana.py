@@ -21,22 +21,23 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
 
-from src.data.collate import detection_loader
+from src.data.base import (
+    DataFormatError,
+    DetectionDataModule,
+    DetectionDataset,
+    ImageCache,
+    Transform,
+    read_image_size,
+)
 from src.data.download import BANANA_SHA1, BANANA_URL, DownloadError, download_and_extract
 from src.data.synthetic import generate_banana_dataset, synthetic_is_current
-from src.data.transforms import AUGMENTATIONS, IMAGENET_MEAN, build_transforms, parse_image_size
+from src.data.transforms import IMAGENET_MEAN
 
 logger = logging.getLogger(__name__)
 
@@ -46,35 +47,6 @@ SYNTHETIC_FOLDER = "banana-synthetic"
 SPLIT_DIRS: dict[str, str] = {"train": "bananas_train", "val": "bananas_val"}
 CSV_COLUMNS: tuple[str, ...] = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")
 SOURCES: tuple[str, ...] = ("auto", "real", "synthetic")
-
-Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
-
-
-def _read_image(path: Path) -> np.ndarray:
-    """Decode an image file to ``uint8 [H, W, 3]`` RGB, with a clear error if unreadable."""
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"), dtype=np.uint8)  # writable copy
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot read image {path}: {err}. The file is corrupt or not an image; replace it "
-            "or delete the dataset directory to re-download / regenerate it"
-        ) from err
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """Return ``(H, W)`` from the image header (no full decode)."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot read image {path}: {err}. The file is corrupt or not an image; replace it "
-            "or delete the dataset directory to re-download / regenerate it"
-        ) from err
-    return height, width
 
 
 def _parse_number(value: str | None, csv_path: Path, line: int, column: str) -> float:
@@ -164,21 +136,23 @@ def read_label_csv(
     return names, boxes, labels, lines
 
 
-class BananaDataset(Dataset):
+class BananaDataset(DetectionDataset):
     """One split of the banana-detection layout.
 
-    Items are ``(image, target)``:
+    Items are ``(image, target)`` (see :class:`src.data.base.DetectionDataset`):
 
     * without ``transform``: ``image`` float32 ``[3, H, W]`` in ``[0, 1]`` at the stored size;
       ``target = {"boxes": float32 [G, 4] xyxy normalised by (W, H, W, H), "labels": int64 [G]
-      (0 = banana), "orig_size": int64 [2] (H, W), "image_id": str}``;
+      (0 = banana), "difficult" / "iscrowd": bool [G] (all False), "orig_size": int64 [2]
+      (H, W), "image_id": str (file stem), "coco_image_id": int (index)}``;
     * with ``transform`` (see :func:`src.data.transforms.build_transforms`): it receives a
       ``tv_tensors.Image`` uint8 ``[3, H, W]`` and the same target with ``boxes`` as pixel
       XYXY ``tv_tensors.BoundingBoxes`` (``canvas_size=(H, W)``), and its output is returned.
 
     With ``cache=True`` all images are decoded once at construction into one uint8 tensor
-    ``[N, 3, H, W]`` (about 200 MB for the book's 1100 images), shared copy-on-write with
-    forked DataLoader workers. With ``cache=False`` they are decoded per item.
+    ``[N, 3, H, W]`` (about 200 MB for the book's 1100 images, an
+    :class:`src.data.base.ImageCache`), shared copy-on-write with forked DataLoader workers.
+    With ``cache=False`` they are decoded per item.
 
     Args:
         root: the dataset directory (``.../banana-detection``) when ``split`` is given, else the
@@ -191,8 +165,9 @@ class BananaDataset(Dataset):
 
     Raises:
         FileNotFoundError: missing split directory, ``label.csv`` or referenced image (named).
-        ValueError: malformed ``label.csv`` (file, line and value named), corrupt image (named),
-            box outside its image (file, line, value and image size named).
+        ValueError: malformed ``label.csv`` (file, line and value named), a label other than 0
+            (file and line named), corrupt image (named), box outside its image (file, line,
+            value and image size named).
     """
 
     classes: tuple[str, ...] = BANANA_CLASSES
@@ -224,6 +199,7 @@ class BananaDataset(Dataset):
         self.transform = transform
         csv_path = split_dir / "label.csv"
         names, boxes, labels, lines = read_label_csv(csv_path)
+        self._check_labels(csv_path, labels, lines)
         self.image_paths = [split_dir / "images" / name for name in names]
         for name, path, line in zip(names, self.image_paths, lines, strict=True):
             if not path.is_file():
@@ -235,36 +211,29 @@ class BananaDataset(Dataset):
         self._boxes = [torch.from_numpy(b) for b in boxes]
         self._labels = [torch.from_numpy(lab) for lab in labels]
 
-        self._cache: Tensor | list[Tensor] | None = None
+        self._cache: ImageCache | None = None
         if cache:
-            self._cache, sizes = self._decode_all()
+            self.build_cache()
+            self._sizes = self._cache.sizes
         else:
-            sizes = [_image_size(p) for p in self.image_paths]
-        self._sizes = torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)
+            sizes = [read_image_size(p) for p in self.image_paths]
+            self._sizes = torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)
         self._check_inside(csv_path, names, boxes, lines)
 
-    def _decode_all(self) -> tuple[Tensor | list[Tensor], list[tuple[int, int]]]:
-        """Decode every image once; one contiguous uint8 ``[N, 3, H, W]`` tensor if sizes agree."""
-        first = _read_image(self.image_paths[0])
-        height, width = first.shape[:2]
-        stacked: Tensor | None = torch.empty(
-            (len(self.image_paths), 3, height, width), dtype=torch.uint8
+    def _check_labels(
+        self, csv_path: Path, labels: list[np.ndarray], lines: list[np.ndarray]
+    ) -> None:
+        """Raise if a label is not a class of :data:`BANANA_CLASSES` (vectorised)."""
+        all_labels = np.concatenate(labels)
+        bad = np.flatnonzero(all_labels >= len(self.classes))
+        if len(bad) == 0:
+            return
+        k = int(bad[0])
+        raise DataFormatError(
+            f"{csv_path}: line {int(np.concatenate(lines)[k])}: label {int(all_labels[k])} but "
+            f"the banana data have {len(self.classes)} class ({', '.join(self.classes)}): labels "
+            "are 0-based class indices"
         )
-        tensors: list[Tensor] = []
-        sizes: list[tuple[int, int]] = []
-        for i, path in enumerate(self.image_paths):
-            array = first if i == 0 else _read_image(path)
-            chw = torch.from_numpy(array).permute(2, 0, 1)
-            sizes.append((array.shape[0], array.shape[1]))
-            if stacked is not None and array.shape[:2] == (height, width):
-                stacked[i] = chw
-                continue
-            if stacked is not None:  # mixed sizes: fall back to a list of tensors
-                tensors = [stacked[j].clone() for j in range(i)]
-                stacked = None
-            tensors.append(chw.contiguous())
-        logger.debug("Decoded %d images from %s", len(sizes), self.split_dir)
-        return (stacked if stacked is not None else tensors), sizes
 
     def _check_inside(
         self, csv_path: Path, names: list[str], boxes: list[np.ndarray], lines: list[np.ndarray]
@@ -291,35 +260,35 @@ class BananaDataset(Dataset):
         """Largest label in the split (``-1`` if there are no boxes)."""
         return max((int(lab.max()) for lab in self._labels if len(lab)), default=-1)
 
+    # ------------------------------------------------------------ DetectionDataset interface
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def _image(self, index: int) -> Tensor:
-        if self._cache is not None:
-            return self._cache[index]
-        return torch.from_numpy(_read_image(self.image_paths[index])).permute(2, 0, 1)
+    def image_path(self, index: int) -> Path:
+        """The image file of item ``index``."""
+        return self.image_paths[index]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        """Return ``(image, target)`` (see the class docstring for shapes and formats)."""
-        image = self._image(index)
-        height, width = int(self._sizes[index, 0]), int(self._sizes[index, 1])
-        boxes = self._boxes[index]
-        target: dict[str, Any] = {
-            "labels": self._labels[index].clone(),
-            "orig_size": torch.tensor([height, width], dtype=torch.int64),
-            "image_id": self.image_ids[index],
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(H, W)`` of the stored image."""
+        return int(self._sizes[index, 0]), int(self._sizes[index, 1])
+
+    def image_key(self, index: int) -> str:
+        """The image's file stem."""
+        return self.image_ids[index]
+
+    def pixel_annotations(self, index: int) -> dict[str, Tensor]:
+        """Pixel boxes of ``label.csv`` (new tensors); nothing is difficult or crowd."""
+        labels = self._labels[index].clone()
+        flags = torch.zeros(labels.shape, dtype=torch.bool)
+        return {
+            "boxes": self._boxes[index].clone(),
+            "labels": labels,
+            "difficult": flags,
+            "iscrowd": flags.clone(),
         }
-        if self.transform is not None:
-            target["boxes"] = tv_tensors.BoundingBoxes(
-                boxes.clone(), format="XYXY", canvas_size=(height, width)
-            )
-            return self.transform(tv_tensors.Image(image), target)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        target["boxes"] = boxes / scale
-        return image.to(torch.float32).div_(255.0), target
 
 
-class BananaDataModule(L.LightningDataModule):
+class BananaDataModule(DetectionDataModule):
     """LightningDataModule for the banana-detection data (real, downloaded or synthetic).
 
     ``source`` resolution (``prepare_data`` on rank 0 may download / generate; ``setup`` on
@@ -349,7 +318,6 @@ class BananaDataModule(L.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
         augment: training augmentation, ``"none"`` or ``"ssd"``.
         image_size: model input side (images are resized to ``image_size x image_size``).
-        num_classes: number of object classes; must be 1.
         num_synthetic_train: synthetic training images.
         num_synthetic_val: synthetic validation images.
         seed: seed of the synthetic generator.
@@ -369,29 +337,23 @@ class BananaDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         augment: str = "none",
         image_size: int = 256,
-        num_classes: int = 1,
         num_synthetic_train: int = 1000,
         num_synthetic_val: int = 100,
         seed: int = 0,
         cache: bool = True,
     ) -> None:
-        super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {source!r}")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(
-                f"data.augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}"
-            )
-        if num_classes != 1:
-            raise ValueError(
-                f"data.num_classes must be 1 for the banana dataset (one class: banana); "
-                f"got {num_classes}"
-            )
-        parse_image_size(image_size, "data.image_size")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        super().__init__(
+            BANANA_CLASSES,
+            augment=augment,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            cache=cache,
+            fill=IMAGENET_MEAN,
+        )
         if download_timeout <= 0:
             raise ValueError(f"data.download_timeout must be > 0, got {download_timeout}")
         if num_synthetic_train < 1 or num_synthetic_val < 1:
@@ -401,10 +363,6 @@ class BananaDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
-        self.classes: list[str] = list(BANANA_CLASSES)
-        self.num_classes = num_classes
-        self.train_dataset: BananaDataset | None = None
-        self.val_dataset: BananaDataset | None = None
         self._resolved: str | None = None
 
     # ------------------------------------------------------------------ resolution
@@ -538,43 +496,14 @@ class BananaDataModule(L.LightningDataModule):
         """
         if self._resolved is None:  # prepare_data ran on another rank / was not called
             self._record(self._resolve(prefer_existing=self.trainer is not None))
-        hp = self.hparams
-        root = self.dataset_dir
-        if stage in (None, "fit") and self.train_dataset is None:
-            transform = build_transforms(True, hp.image_size, hp.augment, fill=IMAGENET_MEAN)
-            self.train_dataset = self._make_dataset(root, "train", transform)
-        if self.val_dataset is None:
-            transform = build_transforms(False, hp.image_size)
-            self.val_dataset = self._make_dataset(root, "val", transform)
+        super().setup(stage)
 
-    def _make_dataset(self, root: Path, split: str, transform: Transform) -> BananaDataset:
-        dataset = BananaDataset(root, split, transform=transform, cache=self.hparams.cache)
-        if dataset.max_label >= self.num_classes:
-            raise ValueError(
-                f"{dataset.split_dir / 'label.csv'} has label {dataset.max_label} but "
-                f"data.num_classes={self.num_classes} (labels must be 0-based class indices)"
-            )
-        return dataset
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: BananaDataset | None, shuffle: bool, stage: str) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"BananaDataModule: call setup({stage!r}) before the dataloaders")
-        hp = self.hparams
-        return detection_loader(dataset, hp.batch_size, shuffle, hp.num_workers, hp.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(images [B, 3, S, S], targets)``."""
-        return self._loader(self.train_dataset, True, "fit")
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (deterministic order, no augmentation)."""
-        return self._loader(self.val_dataset, False, "validate")
-
-    def test_dataloader(self) -> DataLoader:
-        """The banana data has no test split: the validation split (as in the book)."""
-        return self._loader(self.val_dataset, False, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """The validation split, for prediction."""
-        return self._loader(self.val_dataset, False, "predict")
+    def build_dataset(self, split: str) -> BananaDataset:
+        """The :class:`BananaDataset` of ``split`` (``"test"`` is the validation split)."""
+        train = split == "train"
+        return BananaDataset(
+            self.dataset_dir,
+            "train" if train else "val",
+            transform=self.train_transform if train else self.eval_transform,
+            cache=self.cache,
+        )

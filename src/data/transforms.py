@@ -9,7 +9,7 @@ Every transform built here is a callable ``(image, target) -> (image, target)``:
   - ``boxes``: ``tv_tensors.BoundingBoxes`` in pixels with ``canvas_size=(H, W)`` (any format,
     converted to XYXY first; a plain ``Tensor[G, 4]`` is read as pixel XYXY on the image canvas),
   - ``labels``: ``Tensor[G]`` int64 (0-based object classes),
-  - optionally ``difficult``: ``Tensor[G]`` bool,
+  - optionally ``difficult`` and ``iscrowd``: ``Tensor[G]`` bool,
   - any other keys (``orig_size``: ``Tensor[2]`` int64 ``(H, W)`` of the original image,
     ``image_id``: ``str``, ...) which are passed through untouched: geometric transforms never
     change them, because ``orig_size`` always refers to the image as stored on disk (metrics
@@ -17,8 +17,8 @@ Every transform built here is a callable ``(image, target) -> (image, target)``:
 
 * output ``image``: a plain ``Tensor[3, S_h, S_w]`` float32 in ``[0, 1]``, ``S = image_size``.
 * output ``target``: the same dict with ``boxes`` a plain ``Tensor[G', 4]`` float32 normalised
-  XYXY in ``[0, 1]`` and the per-box keys ``labels`` / ``difficult`` filtered consistently
-  (``G' <= G``; only the ``"ssd"`` augmentation removes boxes). ``G`` may be 0.
+  XYXY in ``[0, 1]`` and the per-box keys ``labels`` / ``difficult`` / ``iscrowd`` filtered
+  consistently (``G' <= G``; only the ``"ssd"`` augmentation removes boxes). ``G`` may be 0.
 
 The input image and target tensors are never modified in place (images may be views of an
 in-memory cache).
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "ssd")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+# target keys holding one entry per box, filtered together with the boxes
+PER_BOX_KEYS: tuple[str, ...] = ("labels", "difficult", "iscrowd")
 
 Target = dict[str, Any]
 DetectionTransformFn = Callable[[Any, Target], tuple[Tensor, Target]]
@@ -73,14 +75,12 @@ def _labels_getter(inputs: Any) -> tuple[Tensor, ...]:
         inputs: the ``(image, target)`` pair given to the transform.
 
     Returns:
-        ``(labels,)`` or ``(labels, difficult)``: the very tensor objects stored in ``target``
-        (``SanitizeBoundingBoxes`` matches them by identity).
+        ``labels`` and, where present, ``difficult`` and ``iscrowd`` (:data:`PER_BOX_KEYS`):
+        the very tensor objects stored in ``target`` (``SanitizeBoundingBoxes`` matches them
+        by identity).
     """
     target = inputs[1]
-    per_box = [target["labels"]]
-    if "difficult" in target:
-        per_box.append(target["difficult"])
-    return tuple(per_box)
+    return tuple(target[key] for key in PER_BOX_KEYS if key in target)
 
 
 class _PrepareInputs:

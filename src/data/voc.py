@@ -21,6 +21,10 @@ areas) reproduces the devkit's numbers on ``boxes * (W, H, W, H)`` of ``orig_siz
 devkit result files, add 1 to such pixel coordinates. A coordinate of 0 (seen in some
 third-party annotations) is accepted and clamped to the image border.
 
+Classes: the 20 :data:`VOC_CLASSES` by default; ``data.classes=[cat,dog]`` (or the path of a text
+file with one name a line) trains on those only, and ``data.unknown_classes=error|skip`` decides
+what happens to objects of other classes.
+
 Difficult objects: a training set drops them unless ``keep_difficult=True``; evaluation sets
 (built by :class:`VOCDataModule`) always keep them, flagged in ``target["difficult"]``, so that
 the metric ignores them as the devkit does.
@@ -31,20 +35,24 @@ from __future__ import annotations
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
-from src.data.collate import detection_loader
-from src.data.transforms import AUGMENTATIONS, IMAGENET_MEAN, build_transforms
+from src.data.base import (
+    DataFormatError,
+    DetectionDataModule,
+    DetectionDataset,
+    Transform,
+    read_class_names,
+    report_skipped,
+)
+from src.data.transforms import IMAGENET_MEAN
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ __all__ = [
     "VOCDataset",
     "VOCRecord",
     "parse_voc_annotation",
+    "resolve_classes",
 ]
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -79,15 +88,13 @@ VOC_CLASSES: tuple[str, ...] = (
     "train",
     "tvmonitor",
 )
-_CLASS_TO_IDX = {name: i for i, name in enumerate(VOC_CLASSES)}
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
-_MAX_REPORTED = 5
+UNKNOWN_CLASSES: tuple[str, ...] = ("error", "skip")
 
 ImageSets = Sequence[Sequence[Any]]
-Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
 
-class VOCAnnotationError(ValueError):
+class VOCAnnotationError(DataFormatError):
     """An annotation (or the file it refers to) is missing, malformed or inconsistent."""
 
 
@@ -102,8 +109,11 @@ class VOCRecord:
         width: image width in pixels (from ``<size>``).
         height: image height in pixels.
         boxes: ``Tensor[G, 4]`` float32, devkit pixel xyxy (1-based, inclusive), file order.
-        labels: ``Tensor[G]`` int64, 0-based indices into :data:`VOC_CLASSES`.
+        labels: ``Tensor[G]`` int64, 0-based indices into the class names given to
+            :func:`parse_voc_annotation` (:data:`VOC_CLASSES` by default).
         difficult: ``Tensor[G]`` bool.
+        unknown: names of the objects left out because their class is not among the classes
+            (``unknown_classes="skip"``), file order.
 
     """
 
@@ -115,6 +125,7 @@ class VOCRecord:
     boxes: Tensor
     labels: Tensor
     difficult: Tensor
+    unknown: tuple[str, ...] = ()
 
 
 def _text(elem: ET.Element, tag: str) -> str | None:
@@ -128,6 +139,8 @@ def parse_voc_annotation(
     path: str | os.PathLike[str],
     image_path: str | os.PathLike[str] | None = None,
     skip_invalid: bool = False,
+    classes: Sequence[str] = VOC_CLASSES,
+    unknown_classes: str = "error",
 ) -> tuple[VOCRecord, list[str]]:
     """Parse one VOC annotation XML file.
 
@@ -137,6 +150,9 @@ def parse_voc_annotation(
         skip_invalid: if False, any invalid object raises; if True, invalid objects are left out
             and described in the returned list. File-level problems (unreadable or malformed
             XML, missing or invalid ``<size>``) always raise.
+        classes: the class names; labels index into them.
+        unknown_classes: ``"error"``: an object of another class is invalid; ``"skip"``: it is
+            left out and its name listed in ``record.unknown`` (not a problem).
 
     Returns:
         ``(record, skipped)``: the record (difficult objects included) and one message per
@@ -148,6 +164,8 @@ def parse_voc_annotation(
 
     """
     path = Path(path)
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    unknown: list[str] = []
     if image_path is None:
         image_path = path.parent.parent / "JPEGImages" / f"{path.stem}.jpg"
     try:
@@ -183,10 +201,14 @@ def parse_voc_annotation(
         try:
             if name is None:
                 raise VOCAnnotationError(f"{where}: missing <name>")
-            if name not in _CLASS_TO_IDX:
+            if name not in class_to_idx:
+                if unknown_classes == "skip":
+                    unknown.append(name)
+                    continue
                 raise VOCAnnotationError(
                     f"{where}: unknown class name {name!r}; expected one of "
-                    f"{', '.join(VOC_CLASSES)}"
+                    f"{', '.join(classes)} (data.classes), or set data.unknown_classes=skip to "
+                    "leave out objects of other classes"
                 )
             bndbox = obj.find("bndbox")
             if bndbox is None:
@@ -222,7 +244,7 @@ def parse_voc_annotation(
             skipped.append(str(err))
             continue
         boxes.append(coords)
-        labels.append(_CLASS_TO_IDX[name])
+        labels.append(class_to_idx[name])
         difficult.append(diff_text == "1")
 
     record = VOCRecord(
@@ -234,6 +256,7 @@ def parse_voc_annotation(
         boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         labels=torch.tensor(labels, dtype=torch.int64),
         difficult=torch.tensor(difficult, dtype=torch.bool),
+        unknown=tuple(unknown),
     )
     return record, skipped
 
@@ -258,17 +281,35 @@ def _normalise_image_sets(image_sets: ImageSets, key: str) -> list[tuple[str, st
     return out
 
 
-class VOCDataset(Dataset):
-    """Pascal VOC detection dataset (20 classes, :data:`VOC_CLASSES`).
+def resolve_classes(
+    classes: str | os.PathLike[str] | Sequence[str] | None, unknown_classes: str
+) -> list[str]:
+    """The class names of a VOC dataset: ``data.classes`` (list or file), default the 20 VOC ones.
 
-    ``dataset[i]`` returns ``(image, target)``. The image (``uint8`` ``tv_tensors.Image``
-    ``[3, H, W]`` RGB) and ``target`` with ``boxes`` a pixel XYXY ``tv_tensors.BoundingBoxes``
-    (0-based: devkit coordinates minus 1, ``canvas_size=(H, W)``), ``labels`` ``Tensor[G]``
-    int64 (0-based), ``difficult`` ``Tensor[G]`` bool, ``orig_size`` ``Tensor[2]`` int64
-    ``(H, W)`` and ``image_id`` ``str`` are given to ``transform`` (e.g.
-    :func:`src.data.transforms.build_transforms`), whose output is returned. Without
-    ``transform`` the image is returned as float32 ``[3, H, W]`` in ``[0, 1]`` and ``boxes``
-    as ``Tensor[G, 4]`` float32 normalised xyxy ``(x - 1) / W`` (see the module docstring).
+    Raises:
+        ValueError: ``unknown_classes`` is not ``error`` or ``skip``, or the names are invalid.
+        FileNotFoundError: ``classes`` names a file that does not exist.
+    """
+    if unknown_classes not in UNKNOWN_CLASSES:
+        raise ValueError(
+            f"data.unknown_classes must be one of {', '.join(UNKNOWN_CLASSES)}; "
+            f"got {unknown_classes!r}"
+        )
+    if classes is None:
+        return list(VOC_CLASSES)
+    return read_class_names(classes, "data.classes")
+
+
+class VOCDataset(DetectionDataset):
+    """Pascal VOC detection dataset (the 20 :data:`VOC_CLASSES` or your own ``classes``).
+
+    ``dataset[i]`` returns ``(image, target)`` as :class:`src.data.base.DetectionDataset`
+    describes: the transform receives a ``uint8`` ``tv_tensors.Image`` ``[3, H, W]`` and pixel
+    XYXY ``boxes`` (0-based: devkit coordinates minus 1, clamped at 0), ``labels`` (0-based
+    into ``classes``), ``difficult``, ``iscrowd`` (all False), ``orig_size``, ``image_id`` (the
+    file stem) and ``coco_image_id`` (the index). Without ``transform`` the image is float32 in
+    ``[0, 1]`` and ``boxes`` ``Tensor[G, 4]`` normalised xyxy ``(x - 1) / W`` (see the module
+    docstring).
 
     Args:
         root: the ``VOCdevkit`` directory (containing ``VOC2007/``, ``VOC2012/``).
@@ -279,14 +320,16 @@ class VOCDataset(Dataset):
         skip_invalid: if False, a missing file or an invalid annotation raises
             :class:`VOCAnnotationError`; if True, invalid objects (or whole images whose XML or
             JPEG is missing or broken) are skipped and a warning gives the counts.
+        classes: the class names (default :data:`VOC_CLASSES`); label ``i`` is ``classes[i]``.
+        unknown_classes: objects whose class is not in ``classes``: ``"error"`` raises (or is
+            skipped as invalid under ``skip_invalid``), ``"skip"`` leaves them out (counted per
+            name in an INFO log line); the image stays, as a background image if nothing is left.
 
     Raises:
         FileNotFoundError: ``root``, ``root/VOC{year}`` or an ImageSets file does not exist.
         VOCAnnotationError: see ``skip_invalid``.
 
     """
-
-    classes: tuple[str, ...] = VOC_CLASSES
 
     def __init__(
         self,
@@ -295,12 +338,16 @@ class VOCDataset(Dataset):
         transform: Transform | None = None,
         keep_difficult: bool = False,
         skip_invalid: bool = False,
+        classes: Sequence[str] = VOC_CLASSES,
+        unknown_classes: str = "error",
     ) -> None:
         self.root = Path(root).expanduser()
         self.image_sets = _normalise_image_sets(image_sets, "image_sets")
         self.transform = transform
         self.keep_difficult = bool(keep_difficult)
         self.skip_invalid = bool(skip_invalid)
+        self.classes = tuple(resolve_classes(list(classes), unknown_classes))
+        self.unknown_classes = unknown_classes
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"VOC root {str(self.root)!r} does not exist or is not a directory; set data.root "
@@ -310,6 +357,7 @@ class VOCDataset(Dataset):
         problems: list[str] = []
         skipped_images = 0
         skipped_objects = 0
+        unknown: Counter[str] = Counter()
         for year, name in self.image_sets:
             for image_id, xml_path, jpg_path in self._list_set(year, name):
                 try:
@@ -323,7 +371,9 @@ class VOCDataset(Dataset):
                             f"{jpg_path}: image file missing (image id {image_id!r} is listed "
                             f"in VOC{year}/ImageSets/Main/{name}.txt)"
                         )
-                    record, bad = parse_voc_annotation(xml_path, jpg_path, self.skip_invalid)
+                    record, bad = parse_voc_annotation(
+                        xml_path, jpg_path, self.skip_invalid, self.classes, unknown_classes
+                    )
                 except VOCAnnotationError as err:
                     if not self.skip_invalid:
                         raise
@@ -332,14 +382,11 @@ class VOCDataset(Dataset):
                     continue
                 skipped_objects += len(bad)
                 problems.extend(bad)
+                unknown.update(record.unknown)
                 if not self.keep_difficult and bool(record.difficult.any()):
                     keep = ~record.difficult
-                    record = VOCRecord(
-                        image_id=record.image_id,
-                        image_path=record.image_path,
-                        annotation_path=record.annotation_path,
-                        width=record.width,
-                        height=record.height,
+                    record = replace(
+                        record,
                         boxes=record.boxes[keep],
                         labels=record.labels[keep],
                         difficult=record.difficult[keep],
@@ -347,25 +394,24 @@ class VOCDataset(Dataset):
                 self.records.append(record)
         self.num_skipped_images = skipped_images
         self.num_skipped_objects = skipped_objects
-        if problems:
-            shown = "\n  ".join(problems[:_MAX_REPORTED])
-            extra = len(problems) - _MAX_REPORTED
-            more = f"\n  ... and {extra} more" if extra > 0 else ""
-            log.warning(
-                "VOCDataset(%s, %s): skip_invalid=True skipped %d invalid object(s) and %d "
-                "image(s):\n  %s%s",
-                self.root,
+        self.num_unknown_objects = sum(unknown.values())
+        report_skipped(
+            log, f"VOCDataset({self.root}, {self.image_sets})", problems, skipped_objects,
+            skipped_images,
+        )  # fmt: skip
+        if unknown:
+            log.info(
+                "VOCDataset %s: left out %d object(s) of classes not in data.classes: %s",
                 self.image_sets,
-                skipped_objects,
-                skipped_images,
-                shown,
-                more,
+                self.num_unknown_objects,
+                ", ".join(f"{n} ({c})" for n, c in unknown.most_common()),
             )
         log.info(
-            "VOCDataset %s: %d images, %d objects (keep_difficult=%s)",
+            "VOCDataset %s: %d images, %d objects of %d classes (keep_difficult=%s)",
             self.image_sets,
             len(self.records),
             self.num_objects,
+            len(self.classes),
             self.keep_difficult,
         )
 
@@ -405,68 +451,49 @@ class VOCDataset(Dataset):
             (i, base / "Annotations" / f"{i}.xml", base / "JPEGImages" / f"{i}.jpg") for i in ids
         ]
 
+    # ------------------------------------------------------------ DetectionDataset interface
     def __len__(self) -> int:
         return len(self.records)
+
+    def image_path(self, index: int) -> Path:
+        """The JPEG of item ``index``."""
+        return self.records[index].image_path
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(H, W)`` from the XML ``<size>``."""
+        record = self.records[index]
+        return record.height, record.width
+
+    def image_key(self, index: int) -> str:
+        """The VOC image id (file stem), e.g. ``"2007_000027"``."""
+        return self.records[index].image_id
+
+    def file_name(self, index: int) -> str:
+        """The JPEG's path relative to ``root`` (``VOC2012/JPEGImages/2007_000027.jpg``)."""
+        path = self.records[index].image_path
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def error(self, message: str) -> Exception:
+        """:class:`VOCAnnotationError`."""
+        return VOCAnnotationError(message)
+
+    def pixel_annotations(self, index: int) -> dict[str, Tensor]:
+        """Boxes in the base frame: devkit coordinates minus 1, clamped at 0 (new tensors)."""
+        record = self.records[index]
+        return {
+            "boxes": (record.boxes - 1.0).clamp(min=0.0),
+            "labels": record.labels.clone(),
+            "difficult": record.difficult.clone(),
+            "iscrowd": torch.zeros_like(record.difficult),
+        }
 
     @property
     def num_objects(self) -> int:
         """Total number of objects kept (difficult ones included when kept)."""
         return sum(int(r.labels.numel()) for r in self.records)
-
-    def class_counts(self) -> Tensor:
-        """Return ``Tensor[20]`` int64: objects per class."""
-        if not self.records:
-            return torch.zeros(len(VOC_CLASSES), dtype=torch.int64)
-        labels = torch.cat([r.labels for r in self.records])
-        return torch.bincount(labels, minlength=len(VOC_CLASSES))
-
-    def load_image(self, index: int) -> tv_tensors.Image:
-        """Decode image ``index`` as a ``uint8`` RGB ``tv_tensors.Image`` ``[3, H, W]``.
-
-        Raises:
-            VOCAnnotationError: the image cannot be decoded or its size differs from the XML.
-
-        """
-        record = self.records[index]
-        try:
-            image = decode_image(str(record.image_path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as err:
-            raise VOCAnnotationError(
-                f"{record.image_path}: cannot decode image ({err}); replace the file or remove "
-                "its id from the ImageSets file"
-            ) from err
-        if tuple(image.shape[-2:]) != (record.height, record.width):
-            raise VOCAnnotationError(
-                f"{record.image_path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but "
-                f"{record.annotation_path} says {record.width}x{record.height}"
-            )
-        return tv_tensors.Image(image)
-
-    def raw_target(self, index: int) -> dict[str, Any]:
-        """Return the target given to ``transform`` (pixel XYXY ``BoundingBoxes``), no image.
-
-        Args:
-            index: dataset index.
-
-        Returns:
-            dict with ``boxes`` (``tv_tensors.BoundingBoxes`` float32 ``[G, 4]``, devkit
-            coordinates minus 1, clamped at 0), ``labels``, ``difficult``, ``orig_size``,
-            ``image_id``.
-
-        """
-        record = self.records[index]
-        boxes = (record.boxes - 1.0).clamp(min=0.0)
-        return {
-            "boxes": tv_tensors.BoundingBoxes(
-                boxes,
-                format=tv_tensors.BoundingBoxFormat.XYXY,
-                canvas_size=(record.height, record.width),
-            ),
-            "labels": record.labels.clone(),
-            "difficult": record.difficult.clone(),
-            "orig_size": torch.tensor([record.height, record.width], dtype=torch.int64),
-            "image_id": record.image_id,
-        }
 
     def pixel_target(self, index: int) -> dict[str, Tensor]:
         """Return the ground truth of image ``index`` for :class:`VOCMeanAveragePrecision`.
@@ -483,35 +510,32 @@ class VOCDataset(Dataset):
             "difficult": record.difficult.clone(),
         }
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        image = self.load_image(index)
-        target = self.raw_target(index)
-        if self.transform is not None:
-            return self.transform(image, target)
-        height, width = image.shape[-2:]
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        boxes = (target["boxes"].as_subclass(Tensor) / scale).clamp(0.0, 1.0)
-        return image.as_subclass(Tensor).float() / 255.0, {**target, "boxes": boxes}
-
     def __repr__(self) -> str:
         return (
             f"VOCDataset(root={str(self.root)!r}, image_sets={self.image_sets}, "
-            f"images={len(self)}, keep_difficult={self.keep_difficult})"
+            f"images={len(self)}, classes={len(self.classes)}, "
+            f"keep_difficult={self.keep_difficult})"
         )
 
 
-class VOCDataModule(LightningDataModule):
+class VOCDataModule(DetectionDataModule):
     """Pascal VOC DataModule: train on ``train_sets``, validate/test on ``val_sets``/``test_sets``.
 
     The training set uses ``build_transforms(train=True, image_size, augment, fill)`` and drops
     difficult objects unless ``keep_difficult``; validation and test sets use the deterministic
     resize and always keep difficult objects, flagged in ``target["difficult"]`` for the metric.
+    ``classes`` and ``num_classes`` are known right after ``__init__`` (the model is sized from
+    them).
 
     Args:
         root: the ``VOCdevkit`` directory (config key ``data.root``).
         train_sets: ``[[year, set], ...]`` for training.
         val_sets: ``[[year, set], ...]`` for validation.
         test_sets: ``[[year, set], ...]`` for testing/prediction; None means ``val_sets``.
+        classes: the class names to train on, as a list or the path of a text file with one
+            name a line (``data.classes``); None: the 20 :data:`VOC_CLASSES`.
+        unknown_classes: ``"error"`` or ``"skip"``: what happens to objects of other classes
+            (``data.unknown_classes``).
         keep_difficult: keep difficult objects in the training set.
         skip_invalid: skip invalid objects/images with a warning instead of raising.
         augment: ``"ssd"`` or ``"none"`` (training augmentation).
@@ -519,12 +543,10 @@ class VOCDataModule(LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
-        num_classes: must be 20 (kept as a config key so the model can interpolate it).
+        cache: decode every image once in ``setup`` and keep it in memory (uint8).
         fill: zoom-out fill colour (RGB in ``[0, 1]``), the ImageNet mean by default.
 
     """
-
-    classes: list[str]
 
     def __init__(
         self,
@@ -532,6 +554,8 @@ class VOCDataModule(LightningDataModule):
         train_sets: ImageSets = ((2007, "trainval"), (2012, "trainval")),
         val_sets: ImageSets = ((2007, "test"),),
         test_sets: ImageSets | None = None,
+        classes: str | os.PathLike[str] | Sequence[str] | None = None,
+        unknown_classes: str = "error",
         keep_difficult: bool = False,
         skip_invalid: bool = False,
         augment: str = "ssd",
@@ -539,22 +563,21 @@ class VOCDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 4,
         pin_memory: bool = True,
-        num_classes: int = 20,
+        cache: bool = False,
         fill: Sequence[float] = IMAGENET_MEAN,
     ) -> None:
-        super().__init__()
-        if int(num_classes) != len(VOC_CLASSES):
-            raise ValueError(
-                f"data.num_classes must be {len(VOC_CLASSES)} for Pascal VOC, got {num_classes}"
-            )
-        if augment not in AUGMENTATIONS:
-            raise ValueError(
-                f"data.augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}"
-            )
-        if int(batch_size) <= 0:
-            raise ValueError(f"data.batch_size must be > 0, got {batch_size}")
-        if int(num_workers) < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        super().__init__(
+            resolve_classes(classes, unknown_classes),
+            augment=augment,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            skip_invalid=skip_invalid,
+            cache=cache,
+            fill=fill,
+        )
+        self.unknown_classes = unknown_classes
         self.root = Path(str(root)).expanduser()
         self.train_sets = _normalise_image_sets(train_sets, "data.train_sets")
         self.val_sets = _normalise_image_sets(val_sets, "data.val_sets")
@@ -564,67 +587,21 @@ class VOCDataModule(LightningDataModule):
             else _normalise_image_sets(test_sets, "data.test_sets")
         )
         self.keep_difficult = bool(keep_difficult)
-        self.skip_invalid = bool(skip_invalid)
-        self.augment = augment
-        self.image_size = image_size
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
-        self.num_classes = len(VOC_CLASSES)
-        self.classes = list(VOC_CLASSES)
-        self.fill = tuple(float(f) for f in fill)
-        self.train_transform = build_transforms(True, image_size, augment, self.fill)
-        self.eval_transform = build_transforms(False, image_size, "none", self.fill)
-        self.train_dataset: VOCDataset | None = None
-        self.val_dataset: VOCDataset | None = None
-        self.test_dataset: VOCDataset | None = None
 
-    def _eval_dataset(self, sets: list[tuple[str, str]]) -> VOCDataset:
+    def test_is_val(self) -> bool:
+        """Whether ``test_sets`` equals ``val_sets``."""
+        return self.test_sets == self.val_sets
+
+    def build_dataset(self, split: str) -> VOCDataset:
+        """The :class:`VOCDataset` of ``split`` (annotations are parsed here)."""
+        train = split == "train"
+        sets = {"train": self.train_sets, "val": self.val_sets, "test": self.test_sets}[split]
         return VOCDataset(
             self.root,
             sets,
-            self.eval_transform,
-            keep_difficult=True,
+            self.train_transform if train else self.eval_transform,
+            keep_difficult=self.keep_difficult if train else True,
             skip_invalid=self.skip_invalid,
+            classes=self.classes,
+            unknown_classes=self.unknown_classes,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build (once) the datasets needed by ``stage`` (annotations are parsed here)."""
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = VOCDataset(
-                self.root,
-                self.train_sets,
-                self.train_transform,
-                keep_difficult=self.keep_difficult,
-                skip_invalid=self.skip_invalid,
-            )
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._eval_dataset(self.val_sets)
-        if stage in (None, "test", "predict") and self.test_dataset is None:
-            if self.test_sets == self.val_sets and self.val_dataset is not None:
-                self.test_dataset = self.val_dataset
-            else:
-                self.test_dataset = self._eval_dataset(self.test_sets)
-
-    def _loader(self, dataset: VOCDataset | None, shuffle: bool, name: str) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"VOCDataModule.{name}_dataloader() called before setup()")
-        return detection_loader(
-            dataset, self.batch_size, shuffle, self.num_workers, self.pin_memory
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Return shuffled training batches ``(images [B,3,S,S], targets)``."""
-        return self._loader(self.train_dataset, True, "train")
-
-    def val_dataloader(self) -> DataLoader:
-        """Return validation batches (difficult objects flagged)."""
-        return self._loader(self.val_dataset, False, "val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Return test batches (difficult objects flagged)."""
-        return self._loader(self.test_dataset, False, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """Return the test batches (as :meth:`test_dataloader`)."""
-        return self._loader(self.test_dataset, False, "test")

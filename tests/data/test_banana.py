@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 import src.data.banana as banana
+import src.data.base as data_base
 from src.data.banana import BananaDataModule, BananaDataset
 from src.data.download import DownloadError
 
@@ -103,16 +104,17 @@ def test_cache_decodes_once_and_is_not_aliased(
 ) -> None:
     root = write_real(tmp_path)
     calls: list[Path] = []
-    real_read = banana._read_image
+    real_read = data_base.read_image  # the one image reader of every dataset
 
     def counting(path: Path):
         calls.append(path)
         return real_read(path)
 
-    monkeypatch.setattr(banana, "_read_image", counting)
+    monkeypatch.setattr(data_base, "read_image", counting)
     ds = BananaDataset(root, "train")
     assert len(calls) == 3
-    assert ds._cache.shape == (3, 3, IMG_H, IMG_W) and ds._cache.dtype == torch.uint8
+    cached = ds._cache.images
+    assert cached.shape == (3, 3, IMG_H, IMG_W) and cached.dtype == torch.uint8
     for _ in range(2):
         for i in range(len(ds)):
             image, target = ds[i]
@@ -137,7 +139,8 @@ def test_mixed_sizes_and_multiple_boxes(tmp_path: Path) -> None:
     write_split(split, ["0.png,0,1,1,10,10", "1.png,0,2,2,20,20", "0.png,0,30,5,60,40"], 2)
     Image.new("RGB", (30, 20), (1, 2, 3)).save(split / "images" / "1.png")  # W=30, H=20
     ds = BananaDataset(split)
-    assert isinstance(ds._cache, list)
+    assert isinstance(ds._cache.images, list)
+    assert ds._cache.sizes.tolist() == [[IMG_H, IMG_W], [20, 30]]
     image0, t0 = ds[0]
     image1, t1 = ds[1]
     assert image0.shape == (3, IMG_H, IMG_W) and image1.shape == (3, 20, 30)
@@ -164,6 +167,7 @@ def test_mixed_sizes_and_multiple_boxes(tmp_path: Path) -> None:
         (["0.png,0,1,2,30,49"], r"line 2: box .*49\.0\) for 0\.png lies outside"),
         (["0.png,-1,1,2,30,30"], r"line 2: label must be a non-negative integer, got '-1'"),
         (["0.png,0.5,1,2,30,30"], r"line 2: label must be a non-negative integer"),
+        (["0.png,0,1,2,30,30", "1.png,1,1,2,30,30"], r"line 3: label 1 but .* 1 class \(banana\)"),
         ([], r"no annotation rows"),
     ],
 )
@@ -228,7 +232,6 @@ def test_missing_image_and_dirs_are_named(tmp_path: Path) -> None:
     [
         ({"source": "foo"}, r"data\.source must be one of auto, real, synthetic; got 'foo'"),
         ({"augment": "bar"}, r"data\.augment must be one of none, ssd; got 'bar'"),
-        ({"num_classes": 2}, r"data\.num_classes must be 1 .*got 2"),
         ({"batch_size": 0}, r"data\.batch_size must be >= 1"),
         ({"image_size": -3}, r"data\.image_size must be positive, got -3"),
         ({"download_timeout": 0}, r"data\.download_timeout must be > 0"),
@@ -238,6 +241,13 @@ def test_missing_image_and_dirs_are_named(tmp_path: Path) -> None:
 def test_datamodule_validates_config(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_dm(tmp_path, **kwargs)
+
+
+def test_classes_come_from_the_data(tmp_path: Path) -> None:
+    dm = make_dm(tmp_path)
+    assert dm.classes == ["banana"] and dm.num_classes == 1 and dm.category_ids == [1]
+    with pytest.raises(TypeError, match="num_classes"):  # no longer a config key
+        make_dm(tmp_path, num_classes=1)
 
 
 def test_real_missing_without_download(tmp_path: Path) -> None:

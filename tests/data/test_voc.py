@@ -21,19 +21,14 @@ from src.data.voc import (
     VOCDataset,
     parse_voc_annotation,
 )
+from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[2]
-VOC_MINI = REPO / ".." / "shared" / "data" / "VOCdevkit-mini"
 
 
 @pytest.fixture(scope="module")
 def mini_root() -> Path:
-    if not (VOC_MINI / "VOC2012" / "Annotations").is_dir():
-        pytest.fail(
-            f"test data {VOC_MINI.resolve()} is missing: these tests need the real VOC-mini set in "
-            "<repo>/../shared/data/VOCdevkit-mini/VOC2012"
-        )
-    return VOC_MINI
+    return shared_data("VOCdevkit-mini", "VOC2012", "Annotations").parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +282,14 @@ def test_datamodule_on_real_mini(mini_root):
 
 
 def test_datamodule_validation(mini_root):
-    with pytest.raises(ValueError, match="data.num_classes must be 20"):
+    with pytest.raises(TypeError, match="num_classes"):  # the count comes from the classes
         VOCDataModule(mini_root, num_classes=21)
+    with pytest.raises(ValueError, match="data.unknown_classes must be one of error, skip"):
+        VOCDataModule(mini_root, classes=["cat"], unknown_classes="ignore")
+    with pytest.raises(ValueError, match="class 'cat' is given twice"):
+        VOCDataModule(mini_root, classes=["cat", "dog", "cat"])
+    with pytest.raises(FileNotFoundError, match=r"data\.classes=nope\.txt: no such file"):
+        VOCDataModule(mini_root, classes="nope.txt")
     with pytest.raises(ValueError, match="data.augment"):
         VOCDataModule(mini_root, augment="mosaic")
     with pytest.raises(ValueError, match="data.train_sets"):
@@ -326,7 +327,8 @@ def test_configs_compose_and_instantiate(mini_root, tmp_path):
             [2012, "trainval"],
         ]
         assert OmegaConf.to_container(cfg.data.val_sets) == [[2007, "test"]]
-        assert cfg.data.image_size == 64 and cfg.data.num_classes == 20
+        assert cfg.data.image_size == 64 and "num_classes" not in cfg.data
+        assert cfg.data.classes is None and cfg.data.unknown_classes == "error"
         assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.augment) == (32, 4, "ssd")
         assert cfg.data.keep_difficult is False and cfg.data.skip_invalid is False
 
