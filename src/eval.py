@@ -15,7 +15,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checkpoint import load_module
+from src.utils.checkpoint import (
+    CheckpointMismatchError,
+    describe_model,
+    load_module,
+    load_run_config,
+)
 from src.utils.config import set_project_root
 from src.utils.instantiate import instantiate_loggers
 
@@ -36,6 +41,46 @@ def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
     return merged.data
 
 
+def check_backbone(cfg: DictConfig, run_config: DictConfig) -> None:
+    """Accept ``backbone=`` only when it names the checkpoint's backbone.
+
+    Raises:
+        CheckpointMismatchError: ``backbone=X`` differs from the checkpoint's.
+    """
+    chosen = OmegaConf.select(cfg, "backbone.name", default=None)
+    theirs = OmegaConf.select(run_config, "backbone.name", default=None)
+    if chosen is not None and chosen != theirs:
+        raise CheckpointMismatchError(
+            f"backbone={chosen} does not match ckpt_path={cfg.ckpt_path} (checkpoint: "
+            f"{describe_model(run_config)}): src.eval rebuilds the checkpoint's network, so drop "
+            "the backbone override"
+        )
+
+
+def check_classes(cfg: DictConfig, run_config: DictConfig, datamodule: Any) -> None:
+    """Fail with one sentence when the data have other classes than the checkpoint's model.
+
+    Raises:
+        CheckpointMismatchError: naming both class lists.
+    """
+    names = list(getattr(datamodule, "classes", []) or [])
+    theirs = list(OmegaConf.select(run_config, "model.class_names", default=None) or [])
+    count = OmegaConf.select(run_config, "model.net.num_classes", default=None)
+    if not names or (theirs == names) or (not theirs and count == len(names)):
+        return
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
+
+    raise CheckpointMismatchError(
+        f"cannot evaluate ckpt_path={cfg.ckpt_path} on these data: checkpoint: "
+        f"{describe_model(run_config)} [{show(theirs)}]; data: {len(names)} "
+        f"class{'' if len(names) == 1 else 'es'} [{show(names)}]. The model predicts only its "
+        "own classes: evaluate on data with the same class list (for VOC-format data, "
+        f"data.classes=[{','.join(theirs)}]), or train a model on these data"
+    )
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate a checkpoint on the validation (or test) split.
 
@@ -49,8 +94,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    model, run_config = load_module(cfg.ckpt_path)
+    run_config, _ = load_run_config(cfg.ckpt_path)
+    check_backbone(cfg, run_config)
     datamodule = instantiate(data_config(cfg, run_config))
+    check_classes(cfg, run_config, datamodule)
+    model, run_config = load_module(cfg.ckpt_path)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False)
     run = trainer.validate if cfg.split == "val" else trainer.test
@@ -61,7 +109,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects: dict[str, Any] = {"model": model, "datamodule": datamodule, "trainer": trainer}
     voc = model.voc_results.get(cfg.split)
     if voc is not None:
-        ap = model.val_voc.per_class_ap(voc)
+        ap = model.metrics_of(cfg.split)["voc"].per_class_ap(voc)
         names = list(model.class_names or [str(c) for c in range(ap.numel())])
         table = per_class_table(names, ap.tolist(), float(voc["map_50"]))
         log.info("Per-class VOC AP@0.5 (%s):\n%s", cfg.split, table)

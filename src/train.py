@@ -13,9 +13,17 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.utils.config import config_to_container, set_project_root
+from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_run_config
+from src.utils.config import check_group_keys, config_to_container, set_project_root
+from src.utils.faults import (
+    DivergedError,
+    InterruptCallback,
+    RunInterruptedError,
+    write_status,
+)
 from src.utils.hparams import HParamsCallback, flatten_config
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 
@@ -74,6 +82,36 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
             voc.class_names = names
 
 
+def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
+    """Fail early, in one sentence, when ``ckpt_path`` holds another network than ``cfg``.
+
+    Args:
+        cfg: this run's config (``model.net.num_classes`` already filled from the data).
+        ckpt_path: the checkpoint to resume from.
+
+    Raises:
+        FileNotFoundError, ValueError: unreadable file (see :func:`load_run_config`).
+        CheckpointMismatchError: another backbone, class count or input size.
+    """
+    run_config, _ = load_run_config(ckpt_path)
+    keys = ("backbone.name", "model.net.num_classes", "backbone.image_size")
+    theirs = [OmegaConf.select(run_config, k, default=None) for k in keys]
+    ours = [OmegaConf.select(cfg, k, default=None) for k in keys]
+    if theirs != ours:
+        raise CheckpointMismatchError(
+            f"ckpt_path={ckpt_path} cannot be resumed by this run: checkpoint: "
+            f"{describe_model(run_config)}; this run: {describe_model(cfg)}. Resume with the "
+            "original run's overrides (its .hydra/overrides.yaml), or start a new run with "
+            "model.init_from=... on the matching backbone"
+        )
+
+
+def _best_checkpoint(callbacks: list[Callback]) -> ModelCheckpoint | None:
+    """The checkpoint callback that monitors a metric (``best.ckpt``), if any."""
+    monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    return monitored[0] if monitored else None
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train (and optionally test) the model described by ``cfg``.
 
@@ -83,15 +121,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     Returns:
         ``(metrics, objects)``: final logged metrics as floats, and the built ``cfg``,
         ``datamodule``, ``model``, ``trainer``, ``callbacks`` and ``loggers``.
+
+    Raises:
+        DivergedError: the loss or the weights became non-finite (nothing non-finite is saved).
+        RunInterruptedError: SIGTERM or SIGINT stopped training (``last.ckpt`` was saved).
+        CheckpointMismatchError: ``ckpt_path`` holds another network.
+        ValueError: a setting the chosen config group ignores, and other bad settings.
     """
+    check_group_keys(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
+    fill_from_datamodule(cfg, datamodule)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_resume(cfg, str(ckpt_path))
 
     log.info("Instantiating model <%s>", cfg.model._target_)
-    fill_from_datamodule(cfg, datamodule)
     model = instantiate(cfg.model)
     container = config_to_container(cfg)
     model.run_config = container
@@ -115,14 +163,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("train", True):
         log.info("Starting training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except (SystemExit, KeyboardInterrupt) as err:
+            stopped = [c.interrupted for c in callbacks if isinstance(c, InterruptCallback)]
+            if stopped and stopped[0] is not None:
+                raise RunInterruptedError(*stopped[0]) from err
+            raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test", False):
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = _best_checkpoint(callbacks)
+        ckpt = best.best_model_path if best is not None and cfg.get("train", True) else ""
+        ckpt = ckpt or (str(ckpt_path) if ckpt_path else "")
         if not ckpt:
-            log.warning("No best checkpoint found; testing the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt or None)
+            log.warning(
+                "No checkpoint to test (train=false and no ckpt_path); testing the initial weights"
+            )
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     return metrics, objects
@@ -130,11 +188,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers (e.g. Optuna)."""
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers (e.g. Optuna).
+
+    The run's outcome goes to ``<run>/status.json`` (read by ``src.report``). A diverged or
+    failed run raises (Hydra exits with status 1 and a multirun records the job as failed); a
+    run stopped by SIGTERM or SIGINT exits with 143 or 130 after saving ``last.ckpt``.
+    """
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
-    metrics, _ = train(cfg)
+    run_dir = cfg.paths.output_dir
+    try:
+        metrics, _ = train(cfg)
+    except DivergedError as err:
+        write_status(run_dir, "diverged", message=str(err), step=err.step, terms=err.terms)
+        raise
+    except RunInterruptedError as err:
+        write_status(run_dir, "interrupted", signal=err.signal_name, checkpoint=err.ckpt_path)
+        log.error("%s", err)
+        raise SystemExit(err.exit_code) from err
+    except Exception as err:
+        write_status(run_dir, "failed", message=f"{type(err).__name__}: {err}")
+        raise
+    write_status(run_dir, "ok", metrics=metrics)
     name = cfg.get("optimized_metric")
-    if not name:
+    if not name or not cfg.get("train", True):
         return None
     if name not in metrics:
         raise KeyError(

@@ -49,7 +49,7 @@ def test_tiny_overfits_voc_mini_at_300(tmp_path: Path) -> None:
             f"trainer.check_val_every_n_epoch={epochs}",
             "trainer.accelerator=cpu",
             "callbacks.rich_progress_bar=null",
-            "model.num_log_images=0",
+            "callbacks.detection_grid.num_images=0",
             "logger=csv",
         ],
     )

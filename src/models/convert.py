@@ -23,14 +23,18 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from src.models.backbones.vgg16 import VGG_CONV_INDICES, vgg_layer_path
 from src.models.ssd import SSD
+from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_checkpoint
 
 __all__ = [
+    "describe_net",
+    "load_initial_weights",
     "SSD_PYTORCH_PIXEL_MEAN",
     "SSD_PYTORCH_PIXEL_STD",
     "convert_ssd_pytorch_state_dict",
@@ -203,3 +207,69 @@ def convert_tiny_ssd_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
     if unexpected:
         raise ValueError(f"not a TinySSD state dict: unexpected keys {sorted(unexpected)}")
     return out
+
+
+def describe_net(net: SSD) -> str:
+    """``backbone=vgg16, 20 classes, input 300``: what a built network is, in config words."""
+    names = {"TinyBackbone": "tiny", "VGG16Backbone": "vgg16"}
+    backbone = names.get(type(net.backbone).__name__, type(net.backbone).__name__)
+    size = int(net.image_size[0])
+    if backbone == "vgg16" and size == 512:
+        backbone = "vgg16_512"
+    count = int(net.num_classes)
+    return f"backbone={backbone}, {count} class{'' if count == 1 else 'es'}, input {size}"
+
+
+def _mismatch(state: Mapping[str, Tensor], net: SSD) -> list[str]:
+    """Keys missing, unexpected or of another shape between ``state`` and ``net``."""
+    target = net.state_dict()
+    problems = sorted(set(target) - set(state)) + sorted(set(state) - set(target))
+    problems += [
+        k for k, v in state.items() if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    return problems
+
+
+def load_initial_weights(net: SSD, path: str | Path) -> None:
+    """Load ``path`` into ``net``: an ``src.train`` checkpoint or an ``ssd.pytorch`` state dict.
+
+    The file is read with ``torch.load(weights_only=True)``.
+
+    Args:
+        net: the SSD network (modified in place: it is the module's own parameters).
+        path: a ``.ckpt`` written by ``src.train`` or a ``.pth`` state dict of ``ssd.pytorch``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointMismatchError: the checkpoint's network is another backbone or class count
+            (one sentence naming both sides).
+        ValueError: the keys fit neither layout (the message lists the first keys).
+    """
+    blob = load_checkpoint(path, key="model.init_from")
+    state = blob.get("state_dict", blob)
+    if any(k.startswith("net.") for k in state):
+        own = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        if _mismatch(own, net):
+            theirs = (
+                describe_model(blob["run_config"])
+                if isinstance(blob.get("run_config"), Mapping)
+                else "another network"
+            )
+            raise CheckpointMismatchError(
+                f"model.init_from={path} does not fit this network: checkpoint: {theirs}; this "
+                f"run: {describe_net(net)}. Choose the checkpoint's backbone (and data with the "
+                "same classes), or another checkpoint"
+            )
+        net.load_state_dict(own)
+        log.info("Initialised the net from the src.train checkpoint %s", path)
+        return
+    if any(
+        k.split(".", 1)[-1].startswith(("vgg.", "L2Norm.")) or k.startswith("vgg.") for k in state
+    ):
+        load_ssd_pytorch_state_dict(net, state)
+        log.info("Initialised the net from the ssd.pytorch weights %s", path)
+        return
+    raise ValueError(
+        f"model.init_from={path}: keys fit neither an src.train checkpoint ('net.*') nor "
+        f"ssd.pytorch ('vgg.*', 'L2Norm.weight', ...); first keys: {list(state)[:5]}"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,43 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["set_project_root", "load_run_config", "config_to_container"]
+__all__ = [
+    "check_group_keys",
+    "config_to_container",
+    "register_resolvers",
+    "set_project_root",
+]
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def set_project_root() -> None:
-    """Set ``PROJECT_ROOT`` (used by ``conf/paths``) to the current directory unless already set."""
+    """Set ``PROJECT_ROOT`` (used by ``conf/paths``) to the current directory unless already set.
+
+    Also registers the project's OmegaConf resolvers (:func:`register_resolvers`), which Hydra
+    needs before it composes the config of an entry point.
+    """
     os.environ.setdefault("PROJECT_ROOT", str(Path.cwd()))
+    register_resolvers()
+
+
+def _gpu_only(value: Any, accelerator: str) -> Any:
+    """``value`` where ``accelerator`` runs on a GPU (``gpu``, ``cuda``, or ``auto`` with CUDA)."""
+    name = str(accelerator).lower()
+    on_gpu = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+    return value if on_gpu else False
+
+
+def register_resolvers() -> None:
+    """Register ``${pid:}`` (this process id) and ``${gpu_only:VALUE,ACCELERATOR}`` once.
+
+    ``pid`` makes run folders unique (``conf/hydra/default.yaml``); ``gpu_only`` turns
+    ``sync_batchnorm`` off where there is no GPU (``conf/trainer/ddp.yaml``).
+    """
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("gpu_only"):
+        OmegaConf.register_new_resolver("gpu_only", _gpu_only)
 
 
 def config_to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -27,41 +59,51 @@ def config_to_container(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
-def load_run_config(ckpt_path: str | os.PathLike) -> tuple[DictConfig, dict[str, Any]]:
-    """Read a checkpoint written by ``src.train`` and the run config stored inside it.
+_REF = re.compile(r"\$\{(\w+)\.(\w+)")
+
+
+def _group_options_with_key(group: str, key: str) -> list[str]:
+    """The options of ``conf/<group>/`` whose file defines ``key``."""
+    options = []
+    for file in sorted((CONF_DIR / group).glob("*.yaml")):
+        node = OmegaConf.load(file)
+        if isinstance(node, DictConfig) and key in node:
+            options.append(file.stem)
+    return options
+
+
+def check_group_keys(cfg: DictConfig, groups: tuple[str, ...] = ("loss", "mining")) -> None:
+    """Fail when a setting is given that the chosen option of a group ignores.
+
+    A group node (``loss``, ``mining``) holds its settings next to ``module``, the object that
+    reads them through interpolations such as ``${loss.sigma}``. A setting with a value that no
+    interpolation of the chosen ``module`` reads (``mining.neg_pos_ratio=3`` with
+    ``mining=none``, ``+loss.sigma=5`` with ``loss=l1``) would silently do nothing.
 
     Args:
-        ckpt_path: path of a ``.ckpt`` file.
-
-    Returns:
-        ``(run_config, checkpoint)``: the training run's resolved config and the raw checkpoint.
+        cfg: the composed (unresolved) config.
+        groups: the group nodes to check.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the checkpoint carries no run config (not written by ``src.train``).
+        ValueError: naming the key, the chosen option and the options that use the key.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={path} does not exist; pass the .ckpt written by `python -m src.train` "
-            "(look under outputs/<task>/runs/<date>/checkpoints/)"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    run_config = checkpoint.get("run_config")
-    if run_config is None:
-        raise ValueError(
-            f"{path} has no 'run_config': it was not written by `python -m src.train`, so the "
-            "network cannot be rebuilt from it"
-        )
-    return OmegaConf.create(run_config), checkpoint
-
-
-def model_config_for_loading(run_config: DictConfig) -> DictConfig:
-    """The ``model`` node of a run with weight downloads disabled (the checkpoint has weights)."""
-    model_cfg = run_config.model.copy()
-    backbone = model_cfg.get("net", {}).get("backbone", None)
-    if isinstance(backbone, DictConfig) and "pretrained" in backbone:
-        backbone.pretrained = None
-    if "init_from" in model_cfg:
-        model_cfg.init_from = None
-    return model_cfg
+    for group in groups:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "module" not in node:
+            continue
+        module = OmegaConf.to_container(node, resolve=False).get("module")
+        used = {key for g, key in _REF.findall(str(module)) if g == group}
+        for key, value in OmegaConf.to_container(node, resolve=False).items():
+            if key in ("name", "module") or key in used or value is None:
+                continue
+            chosen = node.get("name", "?")
+            options = [o for o in _group_options_with_key(group, key) if o != chosen]
+            hint = (
+                f"choose {' or '.join(f'{group}={o}' for o in options)} to use it"
+                if options
+                else f"no {group} option uses it"
+            )
+            raise ValueError(
+                f"{group}.{key}={value} is ignored by {group}={chosen}: {hint}, or drop the "
+                "override"
+            )

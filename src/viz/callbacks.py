@@ -1,4 +1,4 @@
-"""Lightning callback: per-anchor pictures of fixed validation images in TensorBoard."""
+"""Lightning callbacks that draw to TensorBoard: per-anchor panels and detection grids."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from src.viz.anchors import (
     figure_to_tensor,
     negatives_figure,
 )
+from src.viz.boxes import detection_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnchorPanelsCallback"]
+__all__ = ["AnchorPanelsCallback", "DetectionGridCallback"]
 
 
 class AnchorPanelsCallback(Callback):
@@ -128,3 +129,70 @@ class AnchorPanelsCallback(Callback):
             for logger in loggers:
                 for name, picture in pictures.items():
                     logger.experiment.add_image(name, picture, trainer.global_step)
+
+
+class DetectionGridCallback(Callback):
+    """Log a grid of the first validation images with their detections, each validation epoch.
+
+    Boxes above ``score_threshold`` are drawn with the module's ``class_names`` next to the
+    ground truth, as ``<tag>/detections`` in every TensorBoard logger (other loggers are
+    skipped, and nothing is drawn during the sanity check).
+
+    Args:
+        num_images: images of the first validation batch drawn (0 disables the callback).
+        score_threshold: minimum score of a drawn detection.
+        tag: prefix of the TensorBoard image tag.
+    """
+
+    def __init__(self, num_images: int = 8, score_threshold: float = 0.3, tag: str = "val") -> None:
+        if int(num_images) < 0:
+            raise ValueError(f"callbacks.detection_grid.num_images must be >= 0, got {num_images}")
+        if not 0.0 <= float(score_threshold) <= 1.0:
+            raise ValueError(
+                f"callbacks.detection_grid.score_threshold must be in [0, 1], got {score_threshold}"
+            )
+        self.num_images = int(num_images)
+        self.score_threshold = float(score_threshold)
+        self.tag = tag
+        self._batch: tuple[Tensor, list[dict[str, Tensor]], list[dict[str, Tensor]]] | None = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Keep the first batch's images, targets and detections (``outputs``)."""
+        if batch_idx != 0 or self.num_images == 0 or trainer.sanity_checking:
+            return
+        if not trainer.is_global_zero or not isinstance(outputs, list):
+            return
+        n = self.num_images
+        images, targets = batch
+        self._batch = (
+            images[:n].detach().cpu(),
+            [{"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu()} for t in targets[:n]],
+            [{k: v.detach().cpu() for k, v in d.items()} for d in outputs[:n]],
+        )
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the kept batch to TensorBoard."""
+        if self._batch is None:
+            return
+        images, targets, detections = self._batch
+        self._batch = None
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        grid = detection_grid(
+            images,
+            detections,
+            targets,
+            class_names=getattr(pl_module, "class_names", None),
+            score_threshold=self.score_threshold,
+        )
+        for logger in loggers:
+            logger.experiment.add_image(f"{self.tag}/detections", grid, trainer.global_step)

@@ -1,0 +1,296 @@
+"""Runs that fail loudly and resume exactly: divergence, signals, RNG state, run status.
+
+* :class:`DivergedError`: raised by the Lightning module when the loss is not finite (before the
+  optimiser step, so the weights stay finite) and when a checkpoint would hold non-finite
+  weights (before the file is written).
+* :class:`ResumeCallback`: saves the Python, NumPy and torch (CPU and CUDA) random states in every
+  checkpoint and restores them on resume, right before the first training batch is drawn, so that
+  the data order and the augmentation of a resumed run equal those of an uninterrupted one.
+  Lightning restores the weights, optimiser, schedulers and loops but not these states.
+* :class:`InterruptCallback`: on SIGTERM or SIGINT (Ctrl+C) during ``fit`` saves a resumable
+  ``last.ckpt`` and logs the command that resumes it; ``src.train`` then exits non-zero.
+* :func:`write_status`: ``<run>/status.json`` (``ok``, ``diverged``, ``interrupted``, ``failed``),
+  read by ``src.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DivergedError",
+    "InterruptCallback",
+    "ResumeCallback",
+    "RunInterruptedError",
+    "check_finite_loss",
+    "check_finite_state",
+    "resume_command",
+    "write_status",
+]
+
+#: exit status of a run stopped by SIGTERM / SIGINT (the shell's 128 + signal number).
+EXIT_SIGTERM = 143
+EXIT_SIGINT = 130
+
+
+class DivergedError(RuntimeError):
+    """The loss or the weights became non-finite; the run stops without saving them.
+
+    Attributes:
+        step: the global step at which it happened (``None`` when unknown).
+        terms: the loss terms at that step (name -> value).
+    """
+
+    def __init__(
+        self, message: str, step: int | None = None, terms: Mapping[str, float] | None = None
+    ):
+        super().__init__(message)
+        self.step = step
+        self.terms = dict(terms or {})
+
+
+class RunInterruptedError(RuntimeError):
+    """Training was stopped by a signal; ``last.ckpt`` holds the state to resume from.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        ckpt_path: the checkpoint written, or ``None`` when it could not be written.
+        exit_code: 143 for SIGTERM, 130 for SIGINT.
+    """
+
+    def __init__(self, signal_name: str, ckpt_path: str | None) -> None:
+        super().__init__(f"training stopped by {signal_name}; resumable checkpoint: {ckpt_path}")
+        self.signal_name = signal_name
+        self.ckpt_path = ckpt_path
+        self.exit_code = EXIT_SIGINT if signal_name == "SIGINT" else EXIT_SIGTERM
+
+
+_ADVICE = (
+    "try a lower model.optimizer.lr, smaller loss weights (loss.box_weight, loss.cls_weight), "
+    "trainer.gradient_clip_val=1.0, or a warm-up (see conf/experiment/voc_ssd300.yaml)"
+)
+
+
+def check_finite_loss(terms: Mapping[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`DivergedError` if any loss term is NaN or infinite.
+
+    Args:
+        terms: name -> scalar tensor (``loss``, ``cls_loss``, ``box_loss``).
+        step: the global step, for the message.
+
+    Raises:
+        DivergedError: naming the step, every term's value and what to try.
+    """
+    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    floats = {k: float(v) for k, v in zip(terms, values.tolist(), strict=True)}
+    shown = ", ".join(f"{k}={v}" for k, v in floats.items())
+    raise DivergedError(
+        f"training diverged at global step {step}: {shown}. No checkpoint was written from this "
+        f"state. To continue: {_ADVICE}.",
+        step=step,
+        terms=floats,
+    )
+
+
+def check_finite_state(state_dict: Mapping[str, Any], step: int | None = None) -> None:
+    """Raise :class:`DivergedError` if a floating tensor of ``state_dict`` is not finite.
+
+    Args:
+        state_dict: parameter and buffer name -> tensor.
+        step: the global step, for the message.
+
+    Raises:
+        DivergedError: naming the first non-finite tensors.
+    """
+    bad = [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise DivergedError(
+            f"the weights are not finite at global step {step} ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the checkpoint was not written. {_ADVICE}.",
+            step=step,
+        )
+
+
+def resume_command(ckpt_path: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The command that resumes this run from ``ckpt_path``: same overrides, new ``ckpt_path``."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("ckpt_path=")]
+    return shlex.join(["python", "-m", "src.train", *args, f"ckpt_path={ckpt_path}"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """The Python, NumPy and torch random states, as plain values and tensors."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`_rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeCallback(Callback):
+    """Save the random states in checkpoints and restore them when training resumes.
+
+    The states are taken when the checkpoint is written; on resume they are set again right
+    before the training data are first drawn (after the sanity-check validation, which draws
+    random numbers of its own), so the shuffling order, the augmentation and any dropout of a
+    resumed run continue exactly as in an uninterrupted run with the same seed.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random states at save time."""
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the states until the training data are about to be drawn."""
+        self._pending = state_dict.get("rng")
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the saved states again: the sanity check consumed random numbers."""
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Forget the saved states once training runs."""
+        self._pending = None
+
+
+class InterruptCallback(Callback):
+    """On SIGTERM or SIGINT during ``fit``, save a resumable ``last.ckpt`` and say how to resume.
+
+    Lightning stops at the end of the current batch on SIGTERM (raising ``SIGTERMException``,
+    which would otherwise end the process with status 0) and on Ctrl+C (``KeyboardInterrupt``).
+    This callback then writes ``<dirpath>/last.ckpt`` from the current state (weights,
+    optimiser, schedulers, loops and random states), unless the weights are not finite, and
+    logs one line with the exact command to resume. ``src.train`` raises
+    :class:`RunInterruptedError` afterwards, so the process exits with 143 (SIGTERM) or 130
+    (SIGINT).
+
+    On SLURM with Lightning's auto-requeue (``SLURMEnvironment(auto_requeue=True)``, the
+    default under ``srun``), the requeue signal (SIGUSR1) still writes Lightning's
+    ``hpc_ckpt_*.ckpt`` and requeues the job; this callback does not interfere.
+
+    Args:
+        dirpath: where ``last.ckpt`` is written (the run's ``checkpoints/`` folder).
+        filename: the checkpoint's file name.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        #: set after an interrupt: ``(signal name, checkpoint path or None)``.
+        self.interrupted: tuple[str, str | None] | None = None
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Save ``last.ckpt`` when the exception is a SIGTERM or a Ctrl+C."""
+        if isinstance(exception, SIGTERMException):
+            name = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            name = "SIGINT"
+        else:
+            return
+        if not trainer.training and trainer.state.fn != "fit":
+            return
+        path = self.dirpath / self.filename
+        try:
+            trainer.save_checkpoint(path)
+        except DivergedError as err:
+            log.error("%s received; not saving the current state: %s", name, err)
+            self.interrupted = (name, None)
+            return
+        self.interrupted = (name, str(path))
+        if trainer.is_global_zero:
+            log.warning(
+                "%s received at epoch %d, global step %d: saved %s. Resume with: %s",
+                name,
+                trainer.current_epoch,
+                trainer.global_step,
+                path,
+                resume_command(path),
+            )
+
+
+def write_status(run_dir: str | Path, status: str, **details: Any) -> Path:
+    """Write ``<run_dir>/status.json``: ``{"status": ..., **details}`` (plain JSON values).
+
+    Args:
+        run_dir: the run's folder.
+        status: ``ok``, ``diverged``, ``interrupted`` or ``failed``.
+        **details: extra fields (message, step, checkpoint, metrics).
+
+    Returns:
+        The path written.
+    """
+    path = Path(run_dir) / "status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, str | int | float | bool) or value is None:
+            return value
+        return str(value)
+
+    path.write_text(json.dumps(plain({"status": status, **details}), indent=2))
+    return path
