@@ -144,7 +144,7 @@ class BananaDataset(DetectionDataset):
     * without ``transform``: ``image`` float32 ``[3, H, W]`` in ``[0, 1]`` at the stored size;
       ``target = {"boxes": float32 [G, 4] xyxy normalised by (W, H, W, H), "labels": int64 [G]
       (0 = banana), "difficult" / "iscrowd": bool [G] (all False), "orig_size": int64 [2]
-      (H, W), "image_id": str (file stem), "coco_image_id": int (index)}``;
+      (H, W), "image_id": str (file stem), "coco_image_id": int (index + 1)}``;
     * with ``transform`` (see :func:`src.data.transforms.build_transforms`): it receives a
       ``tv_tensors.Image`` uint8 ``[3, H, W]`` and the same target with ``boxes`` as pixel
       XYXY ``tv_tensors.BoundingBoxes`` (``canvas_size=(H, W)``), and its output is returned.

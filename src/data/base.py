@@ -24,7 +24,7 @@ boxes into normalised xyxy):
 * ``orig_size``: ``Tensor[2]`` int64 ``(H, W)`` of the image on disk;
 * ``image_id``: the format's own id (file stem for VOC and bananas, the JSON ``id`` for COCO);
 * ``coco_image_id``: ``int``, the image's id in :meth:`DetectionDataset.coco_ground_truth` and
-  in COCO result files (the JSON ``id`` for COCO, the dataset index otherwise).
+  in COCO result files (the JSON ``id`` for COCO, the dataset index + 1 otherwise).
 """
 
 from __future__ import annotations
@@ -305,8 +305,8 @@ class DetectionDataset(Dataset):
         return str(index)
 
     def coco_image_id(self, index: int) -> int:
-        """The id of item ``index`` in COCO ground truth and result files (default: index)."""
-        return int(index)
+        """The id of item ``index`` in COCO ground truth and result files (default: index + 1)."""
+        return int(index) + 1
 
     def file_name(self, index: int) -> str:
         """The image's ``file_name`` in :meth:`coco_ground_truth` (default: the file's name)."""

@@ -307,7 +307,7 @@ class VOCDataset(DetectionDataset):
     describes: the transform receives a ``uint8`` ``tv_tensors.Image`` ``[3, H, W]`` and pixel
     XYXY ``boxes`` (0-based: devkit coordinates minus 1, clamped at 0), ``labels`` (0-based
     into ``classes``), ``difficult``, ``iscrowd`` (all False), ``orig_size``, ``image_id`` (the
-    file stem) and ``coco_image_id`` (the index). Without ``transform`` the image is float32 in
+    file stem) and ``coco_image_id`` (the index + 1). Without ``transform`` the image is float32 in
     ``[0, 1]`` and ``boxes`` ``Tensor[G, 4]`` normalised xyxy ``(x - 1) / W`` (see the module
     docstring).
 
