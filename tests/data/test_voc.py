@@ -473,3 +473,74 @@ def test_parse_voc_annotation_returns_difficult_and_raw_pixels(tmp_path):
     assert record.boxes.tolist() == [[1, 2, 30, 31], [2, 3, 20, 30]]
     assert record.labels.tolist() == [VOC_CLASSES.index("bus"), VOC_CLASSES.index("car")]
     assert record.difficult.tolist() == [False, True]
+
+
+# --------------------------------------------------------------------------------------------
+# your own classes
+# --------------------------------------------------------------------------------------------
+def test_own_classes_error_or_skip_unknown(tmp_path, caplog):
+    xml = ann_xml([obj_xml("dog"), obj_xml("person", (5, 5, 10, 9)), obj_xml("cat", (3, 3, 9, 9))])
+    root = make_voc(tmp_path, {"000001": xml, "000002": ann_xml([obj_xml("person")])})
+    with pytest.raises(VOCAnnotationError, match=r"000001\.xml: object 1 \('person'\): unknown"):
+        VOCDataset(root, [[2007, "trainval"]], classes=["cat", "dog"])
+    with pytest.raises(VOCAnnotationError, match=r"set data\.unknown_classes=skip"):
+        VOCDataset(root, [[2007, "trainval"]], classes=["cat", "dog"])
+    with caplog.at_level(logging.INFO, logger="src.data.voc"):
+        ds = VOCDataset(root, [[2007, "trainval"]], classes=["cat", "dog"], unknown_classes="skip")
+    assert ds.classes == ("cat", "dog") and ds.num_classes == 2
+    assert ds.records[0].labels.tolist() == [1, 0]  # dog -> 1, cat -> 0 (file order kept)
+    assert ds.records[0].unknown == ("person",) and ds.num_unknown_objects == 2
+    assert len(ds) == 2 and ds.records[1].labels.numel() == 0  # a background image now
+    assert ds.num_skipped_objects == 0  # not invalid: just another class
+    assert "left out 2 object(s) of classes not in data.classes: person (2)" in caplog.text
+    assert ds.class_counts().tolist() == [1, 1]
+
+
+def test_own_classes_from_a_file_and_config(tmp_path, mini_root):
+    names = tmp_path / "classes.txt"
+    names.write_text("# my classes\nperson\n\ndog\n")
+    dm = VOCDataModule(
+        mini_root,
+        train_sets=[[2012, "trainval"]],
+        val_sets=[[2012, "val"]],
+        classes=str(names),
+        unknown_classes="skip",
+        image_size=64,
+        num_workers=0,
+        pin_memory=False,
+    )
+    assert dm.classes == ["person", "dog"] and dm.num_classes == 2 and dm.category_ids == [1, 2]
+    dm.setup("fit")
+    full = VOCDataset(mini_root, [[2012, "trainval"]]).class_counts()
+    expected = [int(full[VOC_CLASSES.index("person")]), int(full[VOC_CLASSES.index("dog")])]
+    assert dm.train_dataset.class_counts().tolist() == expected  # only those objects
+    assert len(dm.train_dataset) == 100  # images without them stay as background
+    labels = torch.cat([r.labels for r in dm.val_dataset.records])
+    assert set(labels.tolist()) <= {0, 1}
+    (tmp_path / "dup.txt").write_text("dog\nperson\ndog\n")
+    with pytest.raises(ValueError, match=r"dup\.txt: class 'dog' is given twice"):
+        VOCDataModule(mini_root, classes=str(tmp_path / "dup.txt"))
+
+
+def test_own_classes_train_a_two_class_model(tmp_path, mini_root):
+    from src.train import train
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={tmp_path}",
+            "data=voc_mini",
+            f"data.root={mini_root}",
+            "data.classes=[person,dog]",
+            "data.unknown_classes=skip",
+            "data.batch_size=2",
+            "backbone=tiny",
+            "backbone.image_size=128",
+            "trainer.accelerator=cpu",
+            "debug=fdr",
+        ],
+    )
+    _, objects = train(cfg)
+    assert objects["model"].net.num_classes == 2
+    assert objects["model"].class_names == ["person", "dog"]
