@@ -12,7 +12,10 @@ dir (or ``--out``):
 * ``report.png``: each metric against each swept value.
 
 Runs without events (crashed, ``fast_dev_run``, or no TensorBoard logger) are listed with their
-metrics marked ``missing``; they do not stop the report.
+metrics marked ``missing``; they do not stop the report. For an Optuna search
+(``hparams_search=...``) the trial states in the sweeper's ``optimization_results.yaml`` set the
+status of each trial's run: ``pruned at epoch N`` or ``failed: <reason>``; the per-trial
+``optuna_trial.*`` overrides are not swept keys.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "collect",
     "write_report",
     "make_report",
+    "trial_status",
     "main",
 ]
 
@@ -57,6 +61,8 @@ DEFAULT_METRICS: tuple[str, ...] = (
 )
 
 MISSING = "missing"
+#: per-trial overrides of the Optuna sweeper (``src.search.TRIAL_NODE``), never swept keys.
+TRIAL_PREFIX = "optuna_trial."
 
 
 @dataclass
@@ -69,7 +75,9 @@ class RunResult:
         overrides: ``{key: value}`` of the run's command-line overrides (values as written).
         metrics: ``{metric: last logged value}``; metrics never logged are absent.
         status: ``"ok"``, ``"no events"`` (no TensorBoard events under ``tensorboard/``),
-            ``"unreadable events: ..."`` or ``"incomplete"`` (some metrics never logged).
+            ``"unreadable events: ..."`` or ``"incomplete"`` (some metrics never logged); for
+            Optuna trials ``"pruned at epoch N"``, ``"failed: <reason>"`` or ``"running"``
+            (interrupted, or still running).
     """
 
     name: str
@@ -271,8 +279,39 @@ def collect(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> 
     best = None
     results = root / "optimization_results.yaml"
     if results.is_file():
-        best = yaml.safe_load(results.read_text())
-    return Report(root, runs, swept_keys([r.overrides for r in runs]), tuple(metrics), best=best)
+        best = yaml.safe_load(results.read_text()) or {}
+        _apply_trial_states(runs, best.get("trials") or [])
+    keys = [k for k in swept_keys([r.overrides for r in runs]) if not k.startswith(TRIAL_PREFIX)]
+    return Report(root, runs, keys, tuple(metrics), best=best)
+
+
+def trial_status(trial: dict[str, Any]) -> str | None:
+    """A run status for an Optuna trial of ``optimization_results.yaml`` (``None``: COMPLETE).
+
+    Args:
+        trial: one entry of its ``trials`` list (``number``, ``state``, optional ``last_step``
+            and ``reason``).
+    """
+    state = str(trial.get("state", "")).upper()
+    if state == "PRUNED":
+        step = trial.get("last_step")
+        return "pruned" if step is None else f"pruned at epoch {step}"
+    if state == "FAIL":
+        reason = " ".join(str(trial.get("reason") or "unknown reason").split())
+        return f"failed: {reason[:200]}"
+    if state in ("RUNNING", "WAITING"):
+        return "running"
+    return None
+
+
+def _apply_trial_states(runs: list[RunResult], trials: Sequence[dict[str, Any]]) -> None:
+    """Set the status of each run whose dir name is a trial number that did not complete."""
+    by_number = {str(t.get("number")): t for t in trials if isinstance(t, dict)}
+    for run in runs:
+        trial = by_number.get(run.path.name)
+        status = trial_status(trial) if trial is not None else None
+        if status is not None:
+            run.status = status
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -305,8 +344,15 @@ def _markdown(report: Report) -> str:
         lines += ["", "Runs with missing metrics:", ""]
         lines += [f"- `{r.path}`: {r.status}" for r in missing]
     if report.best:
+        summary = {k: v for k, v in report.best.items() if k != "trials"}
+        states: dict[str, int] = {}
+        for trial in report.best.get("trials") or []:
+            state = str(trial.get("state"))
+            states[state] = states.get(state, 0) + 1
+        if states:
+            summary["trial_states"] = states
         lines += ["", "Optuna (`optimization_results.yaml`):", "", "```yaml"]
-        lines += [yaml.safe_dump(report.best, sort_keys=False).rstrip(), "```"]
+        lines += [yaml.safe_dump(summary, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -133,29 +133,117 @@ def test_report_command_on_the_sweep(sigma_sweep: Path) -> None:
     assert (sigma_sweep / "report.csv").is_file() and (sigma_sweep / "report.png").is_file()
 
 
-def test_optuna_search_two_trials(tmp_path: Path, banana_data_dir: Path) -> None:
+OPTUNA_PARAMS = ("loss.sigma", "loss.gamma", "loss.alpha", "model.optimizer.lr")
+
+
+def optuna_space() -> dict:
+    from optuna.distributions import FloatDistribution
+
+    return {
+        "loss.sigma": FloatDistribution(0.5, 10.0, log=True),
+        "loss.gamma": FloatDistribution(0.0, 5.0),
+        "loss.alpha": FloatDistribution(0.1, 1.0),
+        "model.optimizer.lr": FloatDistribution(0.01, 0.5, log=True),
+    }
+
+
+def test_optuna_search_resumes_prunes_and_records_failures(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    """A stored study holds a finished trial 0 and an interrupted (RUNNING) trial 1; trial 2's
+    parameters are queued with an invalid loss.alpha. Running the search again on that sweep dir
+    reruns trial 1 (pruned: far below trial 0 at epoch 0), runs trial 2 (fails) and goes on."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="banana_optuna", storage=storage, direction="maximize")
+    good = {"loss.sigma": 1.0, "loss.gamma": 2.0, "loss.alpha": 0.5, "model.optimizer.lr": 0.1}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=good, distributions=optuna_space(), value=0.95, intermediate_values={0: 0.95}
+        )
+    )
+    interrupted = study.ask(optuna_space())  # left RUNNING, as by a killed sweep
+    study.enqueue_trial({"loss.alpha": 1.5})
     run_cli(
         "-m",
         "src.train",
         "-m",
         "hparams_search=banana_optuna",
-        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_trials=3",
         f"hydra.sweep.dir={tmp_path}",
         "debug=fdr",
         *data_overrides(banana_data_dir),
         "callbacks.rich_progress_bar=null",
         "callbacks.model_summary=null",
+        "callbacks.optuna_pruning.pruner.n_startup_trials=1",
+        "callbacks.optuna_pruning.pruner.n_warmup_steps=0",
     )
-    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    params = {"loss.sigma", "loss.gamma", "loss.alpha", "model.optimizer.lr"}
-    assert set(results["best_params"]) == params
-    assert 0.0 <= results["best_value"] <= 1.0  # val/mAP_50
-    for trial in ("0", "1"):
-        config = yaml.safe_load((tmp_path / trial / ".hydra" / "config.yaml").read_text())
-        overrides = yaml.safe_load((tmp_path / trial / ".hydra" / "overrides.yaml").read_text())
+    trials = optuna.load_study(study_name="banana_optuna", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials[1].params == interrupted.params  # rerun with its own parameters
+    assert 0.0 <= trials[1].intermediate_values[0] < 0.95
+    assert "loss.alpha must be > 0 and <= 1" in trials[2].user_attrs["fail_reason"]
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["optuna.db"]
+    # each trial ran in <sweep dir>/<trial number> with its parameters
+    for number in (1, 2):
+        config = yaml.safe_load((tmp_path / str(number) / ".hydra" / "config.yaml").read_text())
         assert config["loss"]["name"] == "focal"
-        assert {o.split("=")[0] for o in overrides} >= params
-        assert 0.0 < config["loss"]["alpha"] <= 1.0 and config["loss"]["gamma"] >= 0.0
+        assert config["optuna_trial"]["number"] == number
+        assert config["loss"]["alpha"] == pytest.approx(trials[number].params["loss.alpha"])
+    assert not (tmp_path / "0").exists()  # trial 0 was not run again
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results["best_params"] == good and results["best_value"] == 0.95
+    assert [t["state"] for t in results["trials"]] == states
+    # the report marks the pruned and the failed trial
+    proc = run_cli("-m", "src.report", str(tmp_path), timeout=120)
+    assert str(tmp_path / "report.md") in proc.stdout
+    md = (tmp_path / "report.md").read_text()
+    assert "| pruned at epoch 0 |" in md
+    assert re.search(r"\| failed: ValueError: .*loss.alpha must be > 0 and <= 1", md), md
+
+
+@pytest.mark.slow  # about 40 s on 2 cores: three processes import torch
+def test_submitit_local_sweep_runs_jobs_in_separate_processes(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    """`hydra/launcher=submitit_local`: two jobs, each in its own process; then src.report."""
+    run_cli(
+        "-m",
+        "src.train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "loss=smooth_l1",
+        "loss.sigma=0.5,1",
+        f"hydra.sweep.dir={tmp_path}",
+        *data_overrides(banana_data_dir),
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=1",
+        "++trainer.limit_val_batches=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null",
+        "callbacks.anchor_panels=null",
+        "callbacks.detection_grid=null",
+    )
+    job_ids = []
+    for job in ("0", "1"):
+        hydra_cfg = yaml.safe_load((tmp_path / job / ".hydra" / "hydra.yaml").read_text())
+        job_ids.append(str(hydra_cfg["hydra"]["job"]["id"]))
+    # submitit's local job id is the job process's pid: two jobs, two processes
+    assert len(set(job_ids)) == 2 and all(i.isdigit() for i in job_ids), job_ids
+    assert str(os.getpid()) not in job_ids
+    # each job's submitit log folder is named by its job id
+    assert set(job_ids) <= {p.name for p in (tmp_path / ".submitit").iterdir()}
+    report = run_cli("-m", "src.report", str(tmp_path), timeout=120)
+    assert str(tmp_path / "report.md") in report.stdout
+    rows = [
+        line
+        for line in (tmp_path / "report.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| run")
+    ]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| ok |") for row in rows), rows
 
 
 @pytest.mark.parametrize(
