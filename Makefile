@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# an older .venv may hold hydra-optuna-sweeper (Optuna 2), replaced by src/search
+	$(PY) -m pip uninstall --quiet --yes hydra-optuna-sweeper 2>/dev/null || true
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its dev tools
+install: $(STAMP) ## Create .venv and install the project with its dev tools, search and MLflow
 
 train: $(STAMP) ## Train TinySSD on bananas (more: make train ARGS="loss=focal trainer.max_epochs=5")
 	$(PY) -m src.train $(ARGS)

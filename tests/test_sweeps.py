@@ -205,6 +205,76 @@ def test_optuna_search_resumes_prunes_and_records_failures(
     assert re.search(r"\| failed: ValueError: .*loss.alpha must be > 0 and <= 1", md), md
 
 
+@pytest.mark.slow  # about 75 s on 2 cores: three 2-epoch trials, a kill and a restart
+def test_optuna_search_killed_after_first_trial_resumes(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    """A 3-trial, 2-epoch search is killed (SIGKILL) once its first trial has finished; the same
+    command with hydra.sweep.dir=<that dir> completes the study: 3 finished or pruned trials,
+    numbers 0, 1, 2, one SQLite file."""
+    import signal
+    import time
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = [
+        "-m",
+        "src.train",
+        "-m",
+        "hparams_search=banana_optuna",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={tmp_path}",
+        *data_overrides(banana_data_dir),
+        "++trainer.max_epochs=2",
+        "++trainer.limit_train_batches=2",
+        "++trainer.limit_val_batches=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null",
+        "callbacks.anchor_panels=null",
+        "callbacks.detection_grid=null",
+    ]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def finished() -> list[optuna.trial.FrozenTrial]:
+        try:
+            study = optuna.load_study(study_name="banana_optuna", storage=storage)
+        except KeyError:  # not created yet
+            return []
+        return [t for t in study.get_trials() if t.state.is_finished()]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not finished() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        assert len(finished()) == 1, "the first trial did not finish in 300 s"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert len(finished()) == 1
+    run_cli(*args, timeout=400)
+    study = optuna.load_study(study_name="banana_optuna", storage=storage)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), trials
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["optuna.db"]
+    for number in (0, 1, 2):
+        assert (tmp_path / str(number) / ".hydra" / "config.yaml").is_file()
+    report = run_cli("-m", "src.report", str(tmp_path), timeout=120)
+    assert str(tmp_path / "report.md") in report.stdout
+
+
 @pytest.mark.slow  # about 40 s on 2 cores: three processes import torch
 def test_submitit_local_sweep_runs_jobs_in_separate_processes(
     tmp_path: Path, banana_data_dir: Path
