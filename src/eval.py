@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.utils.checkpoint import (
     CheckpointMismatchError,
@@ -30,14 +30,17 @@ set_project_root()
 
 
 def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
-    """The ``data`` node to evaluate on: the selected group, else the training run's."""
+    """The ``data`` node to evaluate on: the selected group, else the training run's.
+
+    A selected group replaces the training run's ``data`` node whole; its interpolations
+    (``${backbone.image_size}``, ``${paths.data_dir}``) resolve against the checkpoint's run
+    config with this command's ``paths``.
+    """
     if cfg.get("data") is None:
         return run_config.data
-    merged = OmegaConf.merge(
-        run_config,
-        {"paths": OmegaConf.to_container(cfg.paths, resolve=True)},
-        {"data": OmegaConf.to_container(cfg.data, resolve=False)},
-    )
+    merged = OmegaConf.merge(run_config, {"paths": OmegaConf.to_container(cfg.paths, resolve=True)})
+    with open_dict(merged):
+        merged.data = OmegaConf.to_container(cfg.data, resolve=False)
     return merged.data
 
 

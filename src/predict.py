@@ -1,7 +1,10 @@
 """Prediction entry point: ``python -m src.predict ckpt_path=PATH image=PATH [threshold=0.9]``.
 
-For every image, writes ``<stem>_pred.png`` (the image with the boxes and scores above the
-threshold, like the book's ``display``) and ``<stem>_pred.json`` (the boxes in pixels).
+For every image ``a.jpg``, writes ``a_jpg_pred.png`` (the image with the boxes and scores above
+the threshold, like the book's ``display``) and ``a_jpg_pred.json`` (the boxes in pixels); the
+suffix is part of the name, so ``a.jpg`` and ``a.png`` in one folder give distinct outputs. A file
+that cannot be decoded is reported and skipped; the others are processed, and the command exits
+non-zero at the end.
 """
 
 from __future__ import annotations
@@ -52,6 +55,30 @@ def read_image(path: Path) -> torch.Tensor:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
 
+class PredictionError(RuntimeError):
+    """Some images could not be processed; the others were.
+
+    Attributes:
+        records: the records of the images that were processed.
+        failed: ``(path, message)`` of each image that failed.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], failed: list[tuple[str, str]]) -> None:
+        lines = "; ".join(f"{path}: {message}" for path, message in failed)
+        super().__init__(
+            f"{len(failed)} of {len(failed) + len(records)} images could not be processed "
+            f"(the others were written): {lines}"
+        )
+        self.records = records
+        self.failed = failed
+
+
+def output_stem(path: Path) -> str:
+    """``a.jpg`` -> ``a_jpg``: names keep the suffix, so ``a.jpg`` and ``a.png`` differ."""
+    suffix = path.suffix.lower().lstrip(".")
+    return f"{path.stem}_{suffix}" if suffix else path.stem
+
+
 @torch.no_grad()
 def predict_image(module: Any, image: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
     """Detect objects in one image.
@@ -88,6 +115,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Returns:
         One record per image: ``image``, ``png``, ``json`` paths and ``detections``.
+
+    Raises:
+        PredictionError: after all images were tried, if some could not be decoded.
     """
     if not 0.0 <= float(cfg.threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {cfg.threshold}")
@@ -97,15 +127,22 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
+    failed: list[tuple[str, str]] = []
     for path in list_images(cfg.image):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except ValueError as err:
+            log.error("Skipping %s: %s", path, err)
+            failed.append((str(path), str(err)))
+            continue
         det = predict_image(module, image, float(cfg.threshold))
         height, width = image.shape[-2:]
         norm = {**det, "boxes": scale_boxes(det["boxes"], 1.0 / width, 1.0 / height)}
         drawn = draw_detections(
             image, norm, class_names=names, score_threshold=float(cfg.threshold)
         )
-        png = out_dir / f"{path.stem}_pred.png"
+        stem = output_stem(path)
+        png = out_dir / f"{stem}_pred.png"
         write_png(drawn, str(png))
         detections = [
             {
@@ -116,7 +153,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             }
             for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True)
         ]
-        js = out_dir / f"{path.stem}_pred.json"
+        js = out_dir / f"{stem}_pred.json"
         js.write_text(
             json.dumps(
                 {
@@ -134,13 +171,19 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         records.append(
             {"image": str(path), "png": str(png), "json": str(js), "detections": detections}
         )
+    if failed:
+        raise PredictionError(records, failed)
     return records
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    predict(cfg)
+    """Hydra entry point; exits with status 1 if some images could not be processed."""
+    try:
+        predict(cfg)
+    except PredictionError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from err
 
 
 if __name__ == "__main__":

@@ -119,6 +119,46 @@ def test_predict_missing_image_names_path(trained_run: Path, tmp_path: Path) -> 
         predict(cfg)
 
 
+def test_predict_folder_same_stem_and_undecodable_file(
+    trained_run: Path, banana_data_dir: Path, tmp_path: Path
+) -> None:
+    """`a.jpg` and `a.png` give two outputs; a broken file is reported, the rest processed."""
+    import os
+    import subprocess
+    import sys
+
+    from torchvision.io import write_jpeg
+
+    from src.predict import PredictionError
+    from tests.conftest import ROOT
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    source = next((banana_data_dir / "banana-synthetic" / "bananas_val" / "images").glob("*.png"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(source.read_bytes())
+    write_jpeg(decode_image(str(source)), str(folder / "a.jpg"))
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    out = tmp_path / "out"
+    cfg = compose_config(
+        "predict", [f"ckpt_path={ckpt}", f"image={folder}", "threshold=0.5", f"output_dir={out}"]
+    )
+    with pytest.raises(PredictionError, match="1 of 3 images could not be processed.*broken.jpg"):
+        predict(cfg)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_jpg_pred.json", "a_jpg_pred.png", "a_png_pred.json", "a_png_pred.png"
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.predict", f"ckpt_path={ckpt}", f"image={folder}",
+         f"output_dir={tmp_path / 'cli'}", f"hydra.run.dir={tmp_path / 'cli'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "broken.jpg" in proc.stdout + proc.stderr
+    assert (tmp_path / "cli" / "a_jpg_pred.png").is_file()
+
+
 def test_eval_missing_checkpoint_names_path(tmp_path: Path) -> None:
     cfg = compose_config(
         "eval", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"paths.output_dir={tmp_path}"]
@@ -222,29 +262,38 @@ def test_eval_prints_per_class_voc_table(tmp_path: Path, caplog: pytest.LogCaptu
     assert any("per_class_AP50" in t for t in tags), tags
 
 
-def test_ddp_two_cpu_processes(tmp_path: Path, banana_data_dir: Path) -> None:
-    """`trainer=ddp` runs through the real CLI (2 CPU processes, gloo) and logs synced metrics."""
+def test_ddp_two_cpu_processes_equal_one_process(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`trainer=ddp` on 2 CPU processes (gloo, no SyncBatchNorm on CPU) through the real CLI.
+
+    The validation set has 7 images (not a multiple of the world size): the DDP validation
+    metrics equal a single-process evaluation of the same weights, so no image was counted
+    twice.
+    """
+    import csv
     import os
     import subprocess
     import sys
 
+    from src.data.synthetic import generate_banana_dataset
+    from src.eval import evaluate
     from tests.conftest import ROOT
 
-    overrides = train_overrides(
-        tmp_path / "run",
-        banana_data_dir,
+    data_dir = tmp_path_factory.mktemp("data7")
+    generate_banana_dataset(data_dir / "banana-synthetic", num_train=16, num_val=7, seed=0)
+    overrides = [
+        *train_overrides(tmp_path / "run", data_dir, "data.num_synthetic_val=7"),
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.sync_batchnorm=false",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
         "callbacks.rich_progress_bar=null",
         "callbacks.anchor_panels=null",
         "logger=csv",
         f"hydra.run.dir={tmp_path / 'run'}",
-    )
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "src.train", *overrides],
@@ -256,6 +305,22 @@ def test_ddp_two_cpu_processes(tmp_path: Path, banana_data_dir: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    metrics = next((tmp_path / "run" / "csv").rglob("metrics.csv")).read_text()
-    assert "val/mAP_50" in metrics.splitlines()[0]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    with next((tmp_path / "run" / "csv").rglob("metrics.csv")).open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/mAP_50")]
+    ddp = rows[-1]
+
+    cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={tmp_path / 'eval'}",
+            f"paths.data_dir={data_dir}",
+            "~logger",
+        ],
+    )
+    single, objects = evaluate(cfg)
+    assert len(objects["datamodule"].val_dataloader().dataset) == 7
+    for name in ("val/mAP_50", "val/mAP", "val/loss", "val/class_err", "val/bbox_mae"):
+        assert float(ddp[name]) == pytest.approx(single[name], abs=1e-6), name

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,12 +47,21 @@ def detection_loader(
 ) -> DataLoader:
     """A ``DataLoader`` of ``(images, targets)`` batches with :func:`detection_collate`.
 
-    Workers persist across epochs when ``num_workers > 0``.
+    Workers persist across epochs when ``num_workers > 0``. Under distributed evaluation
+    (``shuffle=False`` with an initialised process group of several ranks) each rank gets every
+    ``world_size``-th image and nothing is padded, so validation and test metrics count each
+    image exactly once and equal single-process ones (Lightning's own sampler would repeat
+    images to even out the ranks). Training loaders are left to Lightning's
+    ``DistributedSampler``.
     """
+    sampler = None
+    if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=detection_collate,

@@ -15,14 +15,13 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.detection import MeanAveragePrecision
 
 from src.detection.box_ops import scale_boxes
 from src.detection.targets import MultiboxTargets, TargetEncoder
-from src.metrics.book import BBoxMAE, ClassError
+from src.metrics import BBoxMAE, ClassError, DetectionMeanAveragePrecision
 from src.models.convert import load_initial_weights
 from src.utils.checkpoint import plain_checkpoint
-from src.utils.faults import check_finite_loss, check_finite_state
+from src.utils.faults import check_finite_grads, check_finite_loss, check_finite_state
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,11 @@ class SSDLitModule(LightningModule):
                         "book": book.clone(prefix=f"{stage}/"),
                         "loss": MeanMetric(),
                         **(
-                            {"map": MeanAveragePrecision(box_format="xyxy", iou_type="bbox")}
+                            {
+                                "map": DetectionMeanAveragePrecision(
+                                    box_format="xyxy", iou_type="bbox"
+                                )
+                            }
                             if stage != "train"
                             else {}
                         ),
@@ -199,6 +202,20 @@ class SSDLitModule(LightningModule):
         for name, metric in self.train_terms.items():
             metric.update(getattr(losses, name).detach(), bsz)
         return losses.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights.
+
+        Skipped under float16 mixed precision, whose gradient scaler skips such steps itself.
+        """
+        if "16-mixed" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
+            return
+        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
+        check_finite_grads(grads, self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop as soon as a buffer (BatchNorm running statistics) becomes non-finite."""
+        check_finite_state(dict(self.named_buffers()), self.global_step)
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's loss terms, class error and bbox MAE."""
@@ -313,7 +330,7 @@ class SSDLitModule(LightningModule):
         Raises:
             DivergedError: a weight is not finite (the file is then not written).
         """
-        check_finite_state(checkpoint["state_dict"], checkpoint.get("global_step"))
+        check_finite_state(checkpoint["state_dict"], checkpoint.get("global_step"), saving=True)
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
         clean = plain_checkpoint(checkpoint)

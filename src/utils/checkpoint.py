@@ -103,16 +103,16 @@ def load_checkpoint(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> dic
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise ValueError(
                 f"{key}={path} holds pickled Python objects, not only tensors and plain values, "
                 "so it is not loaded (a checkpoint could run code that way). Checkpoints written "
-                "by this project load safely; re-export this one as a plain state dict: "
-                f"{text.splitlines()[-1] if text else ''}"
+                "by this project load safely; re-export this one as a plain state dict "
+                f"({next(line for line in text.splitlines() if 'Unsupported' in line).strip()})"
             ) from err
         raise ValueError(
-            f"{key}={path} is not a torch checkpoint ({err}); pass a .ckpt written by "
-            "`python -m src.train`"
+            f"{key}={path} is not a torch checkpoint (it does not unpickle as one); pass a .ckpt "
+            "written by `python -m src.train`"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(

@@ -37,6 +37,7 @@ __all__ = [
     "InterruptCallback",
     "ResumeCallback",
     "RunInterruptedError",
+    "check_finite_grads",
     "check_finite_loss",
     "check_finite_state",
     "resume_command",
@@ -109,12 +110,15 @@ def check_finite_loss(terms: Mapping[str, torch.Tensor], step: int) -> None:
     )
 
 
-def check_finite_state(state_dict: Mapping[str, Any], step: int | None = None) -> None:
+def check_finite_state(
+    state_dict: Mapping[str, Any], step: int | None = None, saving: bool = False
+) -> None:
     """Raise :class:`DivergedError` if a floating tensor of ``state_dict`` is not finite.
 
     Args:
         state_dict: parameter and buffer name -> tensor.
         step: the global step, for the message.
+        saving: the state is about to be saved (the message says the file was not written).
 
     Raises:
         DivergedError: naming the first non-finite tensors.
@@ -128,10 +132,36 @@ def check_finite_state(state_dict: Mapping[str, Any], step: int | None = None) -
     ]
     if bad:
         raise DivergedError(
-            f"the weights are not finite at global step {step} ({', '.join(bad[:5])}"
-            f"{', ...' if len(bad) > 5 else ''}); the checkpoint was not written. {_ADVICE}.",
+            f"training diverged at global step {step}: the weights are not finite "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})"
+            f"{'; the checkpoint was not written' if saving else ''}. To continue: {_ADVICE}.",
             step=step,
         )
+
+
+def check_finite_grads(named_grads: Mapping[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`DivergedError` if a gradient is NaN or infinite (one fused pass).
+
+    Args:
+        named_grads: parameter name -> gradient.
+        step: the global step, for the message.
+
+    Raises:
+        DivergedError: naming the step and the first parameters with non-finite gradients.
+    """
+    if not named_grads:
+        return
+    norms = torch.stack(torch._foreach_norm(list(named_grads.values())))
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return
+    bad = [name for name, ok in zip(named_grads, finite.tolist(), strict=True) if not ok]
+    raise DivergedError(
+        f"training diverged at global step {step}: non-finite gradients "
+        f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was not applied and "
+        f"no checkpoint was written from it. To continue: {_ADVICE}.",
+        step=step,
+    )
 
 
 def resume_command(ckpt_path: str | Path, argv: Sequence[str] | None = None) -> str:
@@ -258,9 +288,9 @@ class InterruptCallback(Callback):
         self.interrupted = (name, str(path))
         if trainer.is_global_zero:
             log.warning(
-                "%s received at epoch %d, global step %d: saved %s. Resume with: %s",
+                "%s received after %d completed epochs (global step %d): saved %s. Resume with: %s",
                 name,
-                trainer.current_epoch,
+                trainer.fit_loop.epoch_progress.current.completed,
                 trainer.global_step,
                 path,
                 resume_command(path),

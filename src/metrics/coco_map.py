@@ -1,0 +1,33 @@
+"""COCO mAP (torchmetrics) that syncs correctly when ranks hold different numbers of images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torchmetrics.detection import MeanAveragePrecision
+
+__all__ = ["DetectionMeanAveragePrecision"]
+
+
+class DetectionMeanAveragePrecision(MeanAveragePrecision):
+    """``torchmetrics`` ``MeanAveragePrecision`` whose distributed sync allows uneven ranks.
+
+    The parent keeps one list entry per image and all-gathers entry by entry, so ranks must
+    hold the same number of images (Lightning's sampler pads the last batch with repeated
+    images for that, which counts them twice). Here each rank's lists are gathered whole with
+    ``all_gather_object``: one collective per state whatever the image counts, and every image
+    of an unpadded evaluation set (see :func:`src.data.collate.detection_loader`) counts once.
+    Results on one process are the parent's.
+    """
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        group = process_group or self.process_group
+        world = dist.get_world_size(group)
+        for attr in self._reductions:
+            local = getattr(self, attr)
+            if not isinstance(local, list):  # pragma: no cover - all bbox states are lists
+                continue
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, [t.cpu() for t in local], group=group)
+            setattr(self, attr, [t.to(self.device) for part in gathered for t in part])

@@ -1,0 +1,285 @@
+"""Runs you can trust: exact resume, safe checkpoints, divergence, signals, run folders, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.train import train
+from src.utils.checkpoint import CheckpointMismatchError, load_checkpoint
+from src.utils.faults import (
+    DivergedError,
+    check_finite_grads,
+    check_finite_loss,
+    check_finite_state,
+    resume_command,
+)
+from tests.conftest import ROOT, compose_config, train_overrides
+
+QUIET = [
+    "callbacks.rich_progress_bar=null",
+    "callbacks.anchor_panels=null",
+    "callbacks.detection_grid=null",
+    "callbacks.model_summary=null",
+    "logger=csv",
+]
+
+
+def run_cli(module: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_cli_parallel(*commands: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m MODULE OVERRIDES...`` commands at the same time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *cmd],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd in commands
+    ]
+    results = []
+    for cmd, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return results
+
+
+def cli_overrides(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        *train_overrides(run_dir, data_dir, *QUIET, *extra),
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+# ---------------------------------------------------------------- exact resume, signals
+
+
+RESUME = [
+    "trainer.deterministic=true",
+    "trainer.max_epochs=3",
+    "trainer.limit_val_batches=1",
+    "data.augment=ssd",  # random augmentation: the RNG state must be restored too
+    "model.optimizer.momentum=0.9",  # optimiser state
+    "model.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,"
+    "gamma:0.5}",
+]
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path: Path, banana_data_dir: Path):
+    # the uninterrupted run and the one killed after its first epoch run side by side
+    full, killed = run_cli_parallel(
+        ["src.train", *cli_overrides(tmp_path / "full", banana_data_dir, *RESUME)],
+        [
+            "src.train",
+            *cli_overrides(
+                tmp_path / "killed",
+                banana_data_dir,
+                *RESUME,
+                "+callbacks.kill._target_=tests.callbacks.SignalAfterEpoch",
+            ),
+        ],
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    log = killed.stdout + killed.stderr
+    assert "SIGTERM received after 1 completed epochs (global step 4)" in log
+    assert f"ckpt_path={last}" in log
+    status = json.loads((tmp_path / "killed" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["checkpoint"] == str(last)
+    assert load_checkpoint(last)["global_step"] == 4  # one epoch of 4 batches
+
+    resumed = run_cli(
+        "src.train",
+        *cli_overrides(tmp_path / "resumed", banana_data_dir, *RESUME, f"ckpt_path={last}"),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2  # last.ckpt is the final epoch
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key  # bit-exact
+    lr_a = a["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr_a == b["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.2 / 8)
+    ma = json.loads((tmp_path / "full" / "status.json").read_text())["metrics"]
+    mb = json.loads((tmp_path / "resumed" / "status.json").read_text())["metrics"]
+    for name in ("val/mAP_50", "val/mAP", "val/loss", "train/loss_epoch"):
+        assert ma[name] == pytest.approx(mb[name], abs=1e-6), name
+
+
+def test_nan_loss_stops_with_message_and_no_bad_checkpoint(tmp_path: Path, banana_data_dir: Path):
+    proc = run_cli(
+        "src.train",
+        *cli_overrides(tmp_path / "nan", banana_data_dir, "model.optimizer.lr=1e6",
+                       "trainer.max_epochs=2"),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "training diverged at global step" in text and "model.optimizer.lr" in text
+    status = json.loads((tmp_path / "nan" / "status.json").read_text())
+    assert status["status"] == "diverged" and status["step"] >= 1
+    for ckpt in (tmp_path / "nan" / "checkpoints").glob("*.ckpt"):
+        state = load_checkpoint(ckpt)["state_dict"]
+        check_finite_state(state)  # raises if any weight is NaN/inf
+
+
+def test_check_finite_helpers() -> None:
+    check_finite_loss({"loss": torch.tensor(1.0), "box_loss": torch.tensor(0.5)}, step=3)
+    with pytest.raises(DivergedError, match=r"global step 7: loss=nan, box_loss=0\.5") as info:
+        check_finite_loss({"loss": torch.tensor(float("nan")), "box_loss": torch.tensor(0.5)}, 7)
+    assert info.value.step == 7 and info.value.terms["box_loss"] == 0.5
+    with pytest.raises(DivergedError, match="net.w.*the checkpoint was not written"):
+        state = {"net.w": torch.tensor([1.0, float("inf")]), "n": torch.tensor(1)}
+        check_finite_state(state, step=2, saving=True)
+    with pytest.raises(DivergedError, match="non-finite gradients .b."):
+        check_finite_grads({"a": torch.ones(2), "b": torch.tensor([float("nan")])}, step=1)
+
+
+def test_resume_command_keeps_overrides() -> None:
+    cmd = resume_command("/r/last.ckpt", ["loss=focal", "ckpt_path=/old.ckpt", "seed=3"])
+    assert cmd == "python -m src.train loss=focal seed=3 ckpt_path=/r/last.ckpt"
+
+
+def test_concurrent_runs_get_their_own_folders_and_test_only_exits_zero(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    args = [
+        *train_overrides(tmp_path / "unused", banana_data_dir, *QUIET),
+        "train=false",
+        "test=true",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+    ]
+    args = [a for a in args if not a.startswith("paths.output_dir=")]
+    for proc in run_cli_parallel(["src.train", *args], ["src.train", *args]):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 2, runs
+    for run in runs:
+        assert (run / ".hydra" / "config.yaml").is_file()
+        assert json.loads((run / "status.json").read_text())["status"] == "ok"
+
+
+# ------------------------------------------------------------------- wrong settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["mining=none", "mining.neg_pos_ratio=3"], "mining=hard_negative"),
+        (["loss=l1", "+loss.sigma=5"], "loss=focal or loss=smooth_l1"),
+        (["loss=l1", "++loss.sigma=5"], "loss.sigma=5 is ignored by loss=l1"),
+    ],
+)
+def test_setting_ignored_by_group_fails(
+    overrides: list[str], message: str, tmp_path: Path, banana_data_dir: Path
+) -> None:
+    cfg = compose_config("train", train_overrides(tmp_path, banana_data_dir, *overrides))
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            out, banana_data_dir, *QUIET, "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+        ),
+    )  # fmt: skip
+    train(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_every_checkpoint_kind_loads_weights_only(tiny_ckpt: Path) -> None:
+    for path in tiny_ckpt.parent.glob("*.ckpt"):
+        blob = torch.load(path, weights_only=True)
+        assert {"state_dict", "optimizer_states", "loops", "callbacks", "run_config"} <= set(blob)
+        assert blob["run_config"]["backbone"]["name"] == "tiny"
+
+
+def test_resume_with_other_backbone_names_both_sides(
+    tiny_ckpt: Path, tmp_path: Path, banana_data_dir: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        train_overrides(tmp_path, banana_data_dir, "backbone=vgg16", f"ckpt_path={tiny_ckpt}"),
+    )
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(cfg)
+    text = str(info.value)
+    assert "checkpoint: backbone=tiny, 1 class (banana), input 256" in text
+    assert "this run: backbone=vgg16, 1 class (banana), input 300" in text
+
+
+def test_init_from_other_backbone_names_both_sides(
+    tiny_ckpt: Path, tmp_path: Path, banana_data_dir: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            tmp_path, banana_data_dir, "backbone=vgg16", f"model.init_from={tiny_ckpt}"
+        ),
+    )
+    with pytest.raises(Exception, match=r"checkpoint: backbone=tiny, 1 class .*this run: "
+                       r"backbone=vgg16, 1 class, input 300"):  # fmt: skip
+        train(cfg)
+
+
+def test_eval_backbone_must_match_checkpoint(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from src.eval import evaluate
+
+    cfg = compose_config(
+        "eval", [f"ckpt_path={tiny_ckpt}", "backbone=vgg16", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(CheckpointMismatchError, match="backbone=vgg16 does not match"):
+        evaluate(cfg)
+
+
+def test_eval_banana_checkpoint_on_voc_says_why_not(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from src.eval import evaluate
+    from tests.conftest import shared_data
+
+    root = shared_data("VOCdevkit-mini")
+    cfg = compose_config(
+        "eval",
+        [f"ckpt_path={tiny_ckpt}", "data=voc_mini", f"data.root={root}",
+         f"paths.output_dir={tmp_path}"],
+    )  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match=r"1 class \(banana\).*data: 20 classes"):
+        evaluate(cfg)
+
+
+def test_text_file_and_pickled_object_as_checkpoint(tmp_path: Path) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.ckpt is not a torch checkpoint"):
+        load_checkpoint(text)
+    pickled = tmp_path / "code.ckpt"
+    torch.save({"state_dict": {}, "obj": Path("x")}, pickled)  # a pickled class, not a value
+    with pytest.raises(ValueError, match="holds pickled Python objects"):
+        load_checkpoint(pickled)
