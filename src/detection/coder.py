@@ -38,13 +38,22 @@ class BoxCoder:
             Both must be > 0. The book (and SSD) use ``(0.1, 0.2)``.
         eps: added inside the log of :meth:`encode` (``log(eps + w / w_a)``) so that a
             zero-size box gives a finite offset. Must be >= 0. The book uses ``1e-6``.
+        size_clip: :meth:`decode` clamps the scaled size offsets ``v1 * l_w``, ``v1 * l_h`` at
+            this value before ``exp``, so that huge predicted offsets give large but finite
+            boxes (torchvision's ``BoxCoder`` uses ``log(1000 / 16)``, the default: at most
+            62.5 times the anchor). Must be > 0.
 
     Raises:
         ValueError: if a variance is not a finite number > 0 or ``eps`` is negative.
 
     """
 
-    def __init__(self, variances: Sequence[float] = (0.1, 0.2), eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        variances: Sequence[float] = (0.1, 0.2),
+        eps: float = 1e-6,
+        size_clip: float = math.log(1000.0 / 16),
+    ) -> None:
         variances = tuple(float(v) for v in variances)
         if len(variances) != 2:
             raise ValueError(
@@ -56,8 +65,12 @@ class BoxCoder:
         eps = float(eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"BoxCoder eps must be a finite number >= 0, got {eps}")
+        size_clip = float(size_clip)
+        if not size_clip > 0:
+            raise ValueError(f"BoxCoder size_clip must be > 0, got {size_clip}")
         self.variances: tuple[float, float] = variances  # type: ignore[assignment]
         self.eps = eps
+        self.size_clip = size_clip
         # Multiplying by 1/v (10 and 5 for the defaults, exact) reproduces the book's arithmetic.
         self._scale_xy = 1.0 / variances[0]
         self._scale_wh = 1.0 / variances[1]
@@ -84,8 +97,9 @@ class BoxCoder:
     def decode(self, offsets: Tensor, anchors: Tensor) -> Tensor:
         """Boxes from offsets relative to anchors (the book's ``offset_inverse``).
 
-        ``cx = cx_a + v0 * l_x * w_a`` and ``w = w_a * exp(v1 * l_w)`` (likewise for y/h). Sizes
-        are not clamped: decoded boxes may extend past the image.
+        ``cx = cx_a + v0 * l_x * w_a`` and ``w = w_a * exp(min(v1 * l_w, size_clip))``
+        (likewise for y/h): huge offsets give boxes at most ``exp(size_clip)`` times the anchor,
+        never infinite ones. Boxes are not clipped to the image.
 
         Args:
             offsets: ``Tensor[..., 4]`` ``(l_x, l_y, l_w, l_h)``; integer tensors are
@@ -100,8 +114,11 @@ class BoxCoder:
         offsets = _as_float(offsets)
         anc = box_xyxy_to_cxcywh(_as_float(anchors))
         pred_xy = offsets[..., :2] * anc[..., 2:] / self._scale_xy + anc[..., :2]
-        pred_wh = torch.exp(offsets[..., 2:] / self._scale_wh) * anc[..., 2:]
+        pred_wh = torch.exp((offsets[..., 2:] / self._scale_wh).clamp(max=self.size_clip))
+        pred_wh = pred_wh * anc[..., 2:]
         return box_cxcywh_to_xyxy(torch.cat((pred_xy, pred_wh), dim=-1))
 
     def __repr__(self) -> str:
-        return f"BoxCoder(variances={self.variances}, eps={self.eps})"
+        return (
+            f"BoxCoder(variances={self.variances}, eps={self.eps}, size_clip={self.size_clip:.4f})"
+        )

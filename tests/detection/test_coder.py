@@ -96,3 +96,22 @@ def test_integer_offsets_and_no_mutation():
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BoxCoder(**kwargs)
+
+
+def test_decode_clamps_the_size_exponent_like_torchvision() -> None:
+    import math
+
+    from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
+
+    from src.detection.coder import BoxCoder
+
+    anchors = torch.tensor([[0.4, 0.4, 0.6, 0.6], [0.1, 0.2, 0.3, 0.5]])
+    offsets = torch.tensor([[0.0, 0.0, 1e6, 1e6], [1.0, -2.0, 3.0, -1e9]])
+    boxes = BoxCoder().decode(offsets, anchors)
+    assert torch.isfinite(boxes).all()
+    width = boxes[0, 2] - boxes[0, 0]
+    assert width == pytest.approx(0.2 * 1000 / 16, rel=1e-5)  # exp(log(1000/16)) x anchor
+    # torchvision's decode (weights 10, 10, 5, 5 = 1 / variances) gives the same boxes
+    tv = TVBoxCoder(weights=(10.0, 10.0, 5.0, 5.0), bbox_xform_clip=math.log(1000.0 / 16))
+    expected = tv.decode_single(offsets, anchors)
+    assert torch.allclose(boxes, expected, atol=1e-6)
