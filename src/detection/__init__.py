@@ -29,7 +29,13 @@ from src.detection.compat import (
     offset_boxes,
     offset_inverse,
 )
-from src.detection.matching import match_anchors, match_anchors_batched, pairwise_iou_batched
+from src.detection.matching import (
+    match_anchors,
+    match_anchors_batched,
+    match_anchors_ssd,
+    match_anchors_ssd_batched,
+    pairwise_iou_batched,
+)
 from src.detection.postprocess import PostProcess
 from src.detection.targets import MultiboxTargets, TargetEncoder, pad_targets
 
@@ -51,6 +57,8 @@ __all__ = [
     "BoxCoder",
     "match_anchors",
     "match_anchors_batched",
+    "match_anchors_ssd",
+    "match_anchors_ssd_batched",
     "pairwise_iou_batched",
     "MultiboxTargets",
     "TargetEncoder",

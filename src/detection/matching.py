@@ -1,46 +1,61 @@
-"""Anchor-to-ground-truth assignment: the book's ``assign_anchor_to_bbox``, vectorised.
+"""Anchor-to-ground-truth assignment: the book's greedy rule and the SSD paper's rule, batched.
 
-The book (*Dive into Deep Learning*, 14.4) assigns, for one image with IoU matrix
-``J[a, g]`` (anchors x ground truths):
+Both rules work on an IoU matrix ``J[g, a]`` per image (ground truths x anchors) and return, for
+every anchor, the index of its ground truth or ``-1`` (background).
+
+**The book's rule** (*Dive into Deep Learning*, 14.4, ``assign_anchor_to_bbox``):
 
 1. every anchor whose best IoU is ``>= iou_threshold`` takes its best ground truth
    (``torch.max`` over ``g``: the lowest ``g`` among ties);
-2. then ``G`` greedy rounds: take ``argmax`` of the flattened ``J`` (row-major, so among equal
-   values the lowest anchor, then the lowest ground truth), assign that anchor to that ground
-   truth (overriding step 1), and discard the row and the column (set them to ``-1``).
+2. then ``G`` greedy rounds: take ``argmax`` of the flattened ``[A, G]`` matrix (row-major, so
+   among equal values the lowest anchor, then the lowest ground truth), assign that anchor to that
+   ground truth (overriding step 1), and discard the anchor's row and the ground truth's column
+   (set them to ``-1``).
 
-Step 2 is a sequential loop over ground truths. Here it runs as a few rounds of
-*mutual best pairs*, each round a handful of tensor ops over the whole batch.
+**The SSD paper's rule** (ssd.pytorch's ``match``, torchvision's ``SSDMatcher``):
 
-**Mutual pair.** On the current matrix (assigned rows/columns and padding columns set to
-``-1``), ``(a, g)`` is a mutual pair when ``g`` is the first argmax of row ``a``, ``a`` is the
-first argmax of column ``g`` and ``J[a, g] >= 0``. Each round assigns all mutual pairs at once,
-discards their rows and columns, and the rounds repeat until no pair is left.
+1. the same threshold step;
+2. then every ground truth ``j`` is forced onto its best anchor (first argmax over anchors),
+   in order ``j = 0, 1, ...``, so that a later ground truth wins an anchor that is the best of
+   several.
 
-**Why this equals the book's sequential greedy.** Order the entries by
-``(value descending, a ascending, g ascending)``; the book's flattened ``argmax`` picks the
-first entry in this total order. Restricted to one row (or one column) this order is exactly
-"value descending, then lowest index", i.e. a row's (column's) first argmax is its first entry
-in the total order. Hence:
+**How it is computed.** A few tensor operations over the whole batch (see
+:class:`BoxIoUTable`): the IoU is computed for the valid ground truths only (``[N, A]``, in
+place; for grid anchors each level's intersections are one outer product, see
+:mod:`src.detection.grid_layout`), and the only other full passes are the per-anchor maximum over
+each image's ground truths and per-chunk maxima (``A`` is cut into chunks of ``S`` anchors):
 
-* (a) *every greedy pick is a mutual pair*: the globally first entry is first in its row and in
-  its column;
-* (b) *a mutual pair stays mutual when other rows/columns are discarded*: discarding only lowers
-  other entries of its row and column to ``-1`` and leaves the pair's own entry, so it remains
-  first in both; distinct mutual pairs never share a row or a column (a row has one first
-  argmax);
-* (c) *for any mutual pair* ``m``, ``greedy(J) = {m} + greedy(J without m's row and column)``:
-  let step ``k`` be the first greedy step whose pick touches ``m``'s row or column. Until then
-  ``m`` stays mutual by (b); the step-``k`` pick is the global first entry and lies in
-  ``m``'s row or column, where ``m`` is the first entry, so the pick is ``m`` itself. The picks
-  before ``k`` avoid ``m``'s row and column, so they are also the first entries of the matrix
-  with ``m`` removed, in the same order; after step ``k`` both runs see the same matrix.
+* *threshold step*: only the per-anchor maximum is needed everywhere; the argmax is taken just
+  at the anchors that reach the threshold (a small ``[P, G]`` lookup);
+* *best anchors of a ground truth*: the first ``k`` entries of a row in the order
+  ``(value descending, anchor ascending)`` lie in the first ``k`` chunks in the order
+  ``(chunk maximum descending, chunk ascending)`` (if an entry's chunk is not among them, ``k``
+  chunks each hold a distinct entry that comes before it); so ``k`` chunks are picked from the
+  ``[N, C]`` chunk maxima and the entries from the ``[N, k * S]`` gathered chunks, each with an
+  exact tie-aware selection (:func:`_first_k`);
+* *the greedy step on a small candidate set*: when ground truth ``g`` is picked by the greedy,
+  at most ``G - 1`` anchors are discarded, and discarding only lowers entries of column ``g``, so
+  its anchor is among the first ``G`` entries of its column. Restricting the greedy to the rows
+  ``U`` = the union of these candidates gives the same picks: by induction, the full greedy's
+  next pick lies in ``U`` and is first in the full matrix, hence first in the restricted one.
+  The restricted ``[B, G, |U| <= G * G]`` problem is solved by rounds of *mutual best pairs*.
 
-Applying (c) to the mutual pairs of a round one after the other (they stay mutual by (b)) shows
-that one round followed by the greedy on the rest equals the greedy on the whole, including the
-tie-breaking. A mutual pair always exists while an open anchor and an open ground truth remain
-(the global first entry, by (a)), so every valid ground truth is assigned after at most ``G``
-rounds (typically 1-3), provided there are at least as many anchors as ground truths.
+**Mutual pairs.** On the current matrix (assigned rows/columns and padding set to ``-1``),
+``(a, g)`` is a mutual pair when ``g`` is the first argmax of row ``a``, ``a`` is the first argmax
+of column ``g`` (columns of the candidate matrix are sorted by anchor index) and
+``J[a, g] >= 0``. Each round assigns all mutual pairs at once and discards their rows and
+columns. Why this equals the sequential greedy: order the entries by ``(value descending, a
+ascending, g ascending)``; the flattened ``argmax`` picks the first entry in this total order,
+and restricted to one row (column) the order is "value descending, then lowest index", i.e. a
+row's (column's) first argmax is its first entry. Hence (a) every greedy pick is a mutual pair;
+(b) a mutual pair stays mutual when other rows/columns are discarded (that only lowers other
+entries of its row and column) and distinct mutual pairs share no row or column; (c) for any
+mutual pair ``m``, ``greedy(J) = {m} + greedy(J without m's row and column)``: the first greedy
+step touching ``m``'s row or column picks the global first entry, which lies there, where ``m``
+is first, so it picks ``m``; the earlier picks avoid ``m``'s row and column. Applying (c) to the
+pairs of a round shows that a round followed by the greedy on the rest equals the greedy on the
+whole, ties included. A mutual pair exists while an open anchor and ground truth remain (the
+global first entry, by (a)), so at most ``G`` rounds are needed (typically 1-3).
 
 Differences from the book, none of which arise with the book's own data:
 
@@ -52,10 +67,20 @@ Differences from the book, none of which arise with the book's own data:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["match_anchors", "match_anchors_batched", "pairwise_iou_batched"]
+from src.detection.grid_layout import GridLevel
+
+__all__ = [
+    "match_anchors",
+    "match_anchors_batched",
+    "match_anchors_ssd",
+    "match_anchors_ssd_batched",
+    "pairwise_iou_batched",
+]
 
 
 def _check_threshold(iou_threshold: float) -> float:
@@ -63,6 +88,362 @@ def _check_threshold(iou_threshold: float) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     return value
+
+
+def _chunk_size(num_anchors: int) -> int:
+    """Anchors per chunk: about ``sqrt(A)`` (32 at most), so both selection stages stay small."""
+    return max(1, min(32, math.isqrt(max(num_anchors - 1, 0)) + 1))
+
+
+def _box_iou(
+    g: tuple[Tensor, Tensor, Tensor, Tensor], a: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> Tensor:
+    """IoU of boxes given as broadcastable coordinate tensors ``(x1, y1, x2, y2)``.
+
+    The arithmetic is the book's ``box_iou`` (and ``torchvision.ops.box_iou``) element by
+    element: ``inter / (area_a + area_g - inter)``, so values and ties are bit-identical
+    whatever the shapes. NaN (empty unions) is not replaced here.
+    """
+    gx1, gy1, gx2, gy2 = g
+    ax1, ay1, ax2, ay2 = a
+    width = (torch.minimum(gx2, ax2) - torch.maximum(gx1, ax1)).clamp_(min=0)
+    height = (torch.minimum(gy2, ay2) - torch.maximum(gy1, ay1)).clamp_(min=0)
+    inter = width.mul_(height)
+    union = (ax2 - ax1) * (ay2 - ay1) + (gx2 - gx1) * (gy2 - gy1)
+    return inter.div_(union.sub_(inter))
+
+
+class IoUTable:
+    """Read access to the IoU of ``B x G`` ground truths with ``A`` anchors, for the matchers.
+
+    The IoU is stored as ``R`` rows of ``C * chunk`` anchors (``C = ceil(A / chunk)`` chunks of
+    consecutive anchors; an anchor index ``a >= A`` reads as IoU ``-1``); ``row_of[b, g]`` is the
+    row of ground truth ``g`` of image ``b`` (rows of padding ground truths may hold anything:
+    the matchers mask them). Subclasses: :class:`DenseIoUTable` (a given ``[B, G, A]`` matrix)
+    and :class:`BoxIoUTable` (computed from boxes, valid rows only).
+    """
+
+    batch: int
+    num_gt: int
+    num_anchors: int
+    chunk: int
+    width: int  # C * chunk
+    row_of: Tensor  # [B, G] int64
+    buffer: Tensor  # [R, C * chunk] float, -1 past the last anchor
+
+    @property
+    def num_chunks(self) -> int:
+        """``C = ceil(A / chunk)``."""
+        return -(-self.num_anchors // self.chunk)
+
+    def best_per_anchor(self) -> Tensor:
+        """``Tensor[B, A]``: each anchor's maximum IoU over the valid ground truths (>= 0)."""
+        raise NotImplementedError
+
+    def row_chunk_max(self) -> Tensor:
+        """``Tensor[R, C]``: each row's maximum IoU within each chunk of anchors."""
+        return self.buffer.view(-1, self.num_chunks, self.chunk).amax(dim=2)
+
+    def row_values(self, row: Tensor, a: Tensor) -> Tensor:
+        """IoU at broadcastable int64 indices (row, anchor ``< C * chunk``)."""
+        return self.buffer.view(-1).take(row * self.width + a)
+
+    def values(self, b: Tensor, g: Tensor, a: Tensor) -> Tensor:
+        """IoU at broadcastable int64 indices (image, ground truth, anchor ``< C * chunk``)."""
+        return self.row_values(self.row_of[b, g], a)
+
+
+class DenseIoUTable(IoUTable):
+    """A caller's ``iou[B, G, A]``: NaN and padding rows read as 0; ``iou`` is not modified."""
+
+    def __init__(self, iou: Tensor, valid: Tensor) -> None:
+        self.batch, self.num_gt, self.num_anchors = iou.shape
+        self.chunk = _chunk_size(self.num_anchors)
+        self.width = self.num_chunks * self.chunk
+        self.row_of = torch.arange(self.batch * self.num_gt, device=iou.device).view(
+            self.batch, self.num_gt
+        )
+        padded = torch.full(
+            (self.batch, self.num_gt, self.width), -1.0, dtype=iou.dtype, device=iou.device
+        )
+        view = padded[..., : self.num_anchors]
+        torch.where(valid[:, :, None], iou, torch.zeros((), dtype=iou.dtype), out=view)
+        view.nan_to_num_(nan=0.0)
+        self.buffer = padded.view(self.batch * self.num_gt, self.width)
+
+    def best_per_anchor(self) -> Tensor:  # noqa: D102
+        padded = self.buffer.view(self.batch, self.num_gt, self.width)
+        return padded[..., : self.num_anchors].amax(dim=1)
+
+
+class BoxIoUTable(IoUTable):
+    """IoU of ``gt_boxes[B, G, 4]`` (rows where ``valid[B, G]``) with ``anchors[A, 4]``, xyxy.
+
+    Only the ``N`` valid rows are computed, in place in one ``[N + 1, C * S]`` buffer (the last
+    row, all zeros, stands for every padding row); values are bit-identical to the book's
+    ``box_iou`` (NaN, from an empty union, becomes 0). With the anchors' verified ``layout``
+    (:func:`~src.detection.grid_layout.find_grid_layout`), the intersections of each level are
+    one outer product of widths and heights (the same numbers, multiplied in the same way).
+    """
+
+    def __init__(
+        self,
+        gt_boxes: Tensor,
+        valid: Tensor,
+        anchors: Tensor,
+        layout: list[GridLevel] | None = None,
+    ) -> None:
+        dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+        device = anchors.device
+        self.batch, self.num_gt = gt_boxes.shape[:2]
+        self.num_anchors = num_anchors = anchors.shape[0]
+        self.chunk = _chunk_size(num_anchors)
+        self.width = width = self.num_chunks * self.chunk
+        b_idx, g_idx = valid.nonzero(as_tuple=True)  # [N] each, image-major
+        rows = b_idx.shape[0]
+        # row of the buffer for each (image, gt): its own, or the zero row N for padding
+        self.row_of = torch.full((self.batch, self.num_gt), rows, dtype=torch.long, device=device)
+        self.row_of[b_idx, g_idx] = torch.arange(rows, device=device)
+        self.row_image = torch.cat((b_idx, b_idx.new_full((1,), self.batch)))  # [N + 1]
+        self.buffer = torch.empty((rows + 1, width), dtype=dtype, device=device)
+        self.buffer[rows].zero_()  # the padding row
+        self.buffer[:, num_anchors:] = -1.0  # the end of the last chunk
+        if rows == 0 or num_anchors == 0:
+            return
+        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt_boxes[b_idx, g_idx].to(dtype).unbind(-1))
+        ax1, ay1, ax2, ay2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))  # [A]
+        # In place, the book's arithmetic: inter / (area_a + area_g - inter).
+        inter = self.buffer[:rows, :num_anchors]  # [N, A] view
+        if layout is not None:
+            g3 = tuple(c[:, :, None] for c in (gx1, gy1, gx2, gy2))  # [N, 1, 1] each
+            for level in layout:
+                x1, x2 = level.x.to(dtype)  # [W, K] each
+                y1, y2 = level.y.to(dtype)  # [H, K] each
+                w = (torch.minimum(g3[2], x2) - torch.maximum(g3[0], x1)).clamp_(min=0)
+                h = (torch.minimum(g3[3], y2) - torch.maximum(g3[1], y1)).clamp_(min=0)
+                block = inter[:, level.start : level.start + level.size]
+                torch.mul(
+                    w[:, None, :, :],
+                    h[:, :, None, :],
+                    out=block.view(rows, level.height, level.width, level.per_cell),
+                )
+            tmp = torch.empty_like(inter)
+        else:
+            torch.minimum(gx2, ax2, out=inter)
+            tmp = torch.maximum(gx1, ax1)
+            inter.sub_(tmp).clamp_(min=0)  # intersection width
+            height = torch.minimum(gy2, ay2)
+            height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
+            inter.mul_(height)
+        union = torch.add((ax2 - ax1) * (ay2 - ay1), (gx2 - gx1) * (gy2 - gy1), out=tmp)
+        inter.div_(union.sub_(inter))
+        # A union is > 0 (no NaN) when anchors have positive and boxes non-negative sides.
+        if not bool(
+            torch.isfinite(anchors).all()
+            and torch.isfinite(gt_boxes[b_idx, g_idx]).all()
+            and ((ax2 > ax1) & (ay2 > ay1)).all()
+            and ((gx2 >= gx1) & (gy2 >= gy1)).all()
+        ):
+            inter.nan_to_num_(nan=0.0)
+
+    def best_per_anchor(self) -> Tensor:  # noqa: D102
+        best = torch.zeros(
+            (self.batch + 1, self.width), dtype=self.buffer.dtype, device=self.buffer.device
+        )
+        index = self.row_image[:, None].expand_as(self.buffer)
+        best.scatter_reduce_(0, index, self.buffer, "amax")  # max over each image's rows
+        return best[: self.batch, : self.num_anchors]
+
+
+def first_k(table: IoUTable, k: int) -> Tensor:
+    """Per row of ``table``, its first ``k`` anchors in the order (IoU desc, index asc).
+
+    Args:
+        table: the IoU.
+        k: ``1 <= k <= A``.
+
+    Returns:
+        ``Tensor[R, k]`` int64 anchor indices, ascending (a set, not a ranking); the row of
+        ground truth ``(b, g)`` is ``table.row_of[b, g]``.
+
+    """
+    chunk_max = table.row_chunk_max()  # [R, C]
+    rows, num_chunks = chunk_max.shape
+    device = chunk_max.device
+    if num_chunks > k:
+        chosen = _first_k(chunk_max, k)  # [R, k] ascending
+    else:
+        chosen = torch.arange(num_chunks, device=device).expand(rows, num_chunks)
+    ids = (chosen[..., None] * table.chunk + torch.arange(table.chunk, device=device)).flatten(1)
+    values = table.row_values(torch.arange(rows, device=device)[:, None], ids)  # ascending ids
+    return ids.gather(1, _first_k(values, k))
+
+
+def _first_k(values: Tensor, k: int) -> Tensor:
+    """Positions of the first ``k`` entries of each row in the order (value desc, position asc).
+
+    Exact with ties (``torch.topk`` alone does not say which of equal values it keeps).
+
+    Args:
+        values: ``Tensor[..., N]`` float without NaN.
+        k: ``1 <= k <= N``.
+
+    Returns:
+        ``Tensor[..., k]`` int64 positions, ascending.
+
+    """
+    if k == 1:
+        return values.argmax(dim=-1, keepdim=True)  # the first maximum
+    size = values.shape[-1]
+    position = torch.arange(size, device=values.device)
+    bits = _PACKABLE.get(values.dtype)
+    if bits is not None and size <= 2**31:
+        # One topk on unique int64 keys: (value as an order-preserving integer, -position).
+        raw = (values + 0.0).view(bits[0]).long()  # + 0.0 turns -0.0 into +0.0
+        ordered = torch.where(raw < 0, raw ^ bits[1], raw)  # negative floats: reverse order
+        key = ordered * 2**32 + (2**32 - 1 - position)
+        return key.topk(k, dim=-1).indices.sort(dim=-1).values
+    kth = values.topk(k, dim=-1).values[..., -1:]  # [..., 1]: the k-th largest value
+    # Fewer than k entries are > kth; the rest come from the entries == kth, lowest first: rank
+    # them with distinct keys (2N for "greater", N - position for "equal", 0 otherwise).
+    key = torch.where(values == kth, size - position, 0)
+    key = torch.where(values > kth, 2 * size, key)
+    return key.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+# float dtype -> (integer view dtype, mask flipping the non-sign bits of a negative value)
+_PACKABLE = {
+    torch.float32: (torch.int32, 2**31 - 1),
+    torch.float16: (torch.int16, 2**15 - 1),
+    torch.bfloat16: (torch.int16, 2**15 - 1),
+}
+
+
+def _threshold_matches(table: IoUTable, valid: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Step 1 of both rules: anchors with best IoU ``>= threshold`` take their first-argmax gt.
+
+    Returns:
+        ``matched[B, A]`` int64 and the flat indices ``b * A + a`` of its matched anchors.
+
+    """
+    matched = torch.full(
+        (table.batch, table.num_anchors), -1, dtype=torch.long, device=valid.device
+    )
+    if table.num_gt == 0 or table.num_anchors == 0:
+        return matched, matched.new_zeros(0)
+    best = table.best_per_anchor()  # [B, A]
+    b_idx, a_idx = (best >= threshold).nonzero(as_tuple=True)  # [P] each
+    gts = torch.arange(table.num_gt, device=valid.device)
+    values = table.values(b_idx[:, None], gts[None, :], a_idx[:, None])  # [P, G]
+    values = values.masked_fill(~valid[b_idx], -1.0)
+    matched[b_idx, a_idx] = values.max(dim=1).indices  # first maximum: the lowest gt
+    return matched, b_idx * table.num_anchors + a_idx
+
+
+def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
+    """Step 2 of the book's rule: the anchor each valid ground truth takes, or ``-1``.
+
+    Returns:
+        ``Tensor[B, G]`` int64 anchor index per ground truth (``-1``: padding, or no anchor
+        left when there are more ground truths than anchors).
+
+    """
+    batch, num_gt, num_anchors = table.batch, table.num_gt, table.num_anchors
+    device = valid.device
+    k = min(num_gt, num_anchors)
+    cand = first_k(table, k)[table.row_of]  # [B, G, k]
+    # Columns of the small problem: the union of the candidates, sorted by anchor, no duplicates.
+    sentinel = num_anchors
+    cols = torch.where(valid[:, :, None], cand, sentinel).reshape(batch, num_gt * k)
+    cols = cols.sort(dim=1).values  # [B, M]
+    closed = cols == sentinel
+    closed[:, 1:] |= cols[:, 1:] == cols[:, :-1]
+    jac = table.values(
+        torch.arange(batch, device=device)[:, None, None],
+        torch.arange(num_gt, device=device)[None, :, None],
+        cols.clamp(max=num_anchors - 1)[:, None, :],
+    )
+    jac = jac.masked_fill(closed[:, None, :] | ~valid[:, :, None], -1.0)  # [B, G, M]
+
+    # Rounds of mutual best pairs (== the sequential greedy, see the module docstring). Entries
+    # >= 0 are exactly the open rows and columns: closed ones are all -1.
+    gt_ids = torch.arange(num_gt, device=device)[None, :]  # [1, G]
+    col_ids = torch.arange(cols.shape[1], device=device)[None, :]  # [1, M]
+    taken = torch.full((batch, num_gt), -1, dtype=torch.long, device=device)
+    for _ in range(num_gt):  # at least one pair per round while any remains: <= G rounds
+        best_col = jac.max(dim=2).indices  # [B, G] first argmax of each gt over candidates
+        best_gt = jac.max(dim=1).indices  # [B, M] first argmax of each candidate over gts
+        gt_value = jac.gather(2, best_col[:, :, None]).squeeze(2)  # [B, G]
+        gt_mutual = (best_gt.gather(1, best_col) == gt_ids) & (gt_value >= 0)
+        if not bool(gt_mutual.any()):
+            break
+        col_value = jac.gather(1, best_gt[:, None, :]).squeeze(1)  # [B, M]
+        col_mutual = (best_col.gather(1, best_gt) == col_ids) & (col_value >= 0)
+        taken = torch.where(gt_mutual, best_col, taken)
+        jac = jac.masked_fill(gt_mutual[:, :, None] | col_mutual[:, None, :], -1.0)
+    return torch.where(taken >= 0, cols.gather(1, taken.clamp(min=0)), -1)
+
+
+def _apply(
+    matched: Tensor, keys: Tensor, anchor_of_gt: Tensor, assign: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``matched[b, anchor_of_gt[b, g]] = g`` where ``assign[b, g]`` (anchors distinct).
+
+    Returns:
+        the updated copy of ``matched[B, A]`` and the flat indices ``b * A + a`` of its matched
+        anchors (``keys`` of the matches before, then those of the new ones; may repeat).
+
+    """
+    b_idx, g_idx = assign.nonzero(as_tuple=True)
+    a_idx = anchor_of_gt[b_idx, g_idx]
+    out = matched.clone()
+    out[b_idx, a_idx] = g_idx
+    return out, torch.cat((keys, b_idx * matched.shape[1] + a_idx))
+
+
+def match_book_with_keys(
+    table: IoUTable, valid: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor]:
+    """The book's rule: ``matched[B, A]`` and the flat indices ``b * A + a`` of matched anchors.
+
+    The indices may repeat (an anchor matched by the threshold and again by the greedy step).
+    """
+    matched, keys = _threshold_matches(table, valid, _check_threshold(iou_threshold))
+    if table.num_gt == 0 or table.num_anchors == 0:
+        return matched, keys
+    anchor_of_gt = _greedy_on_candidates(table, valid)  # [B, G]
+    return _apply(matched, keys, anchor_of_gt, anchor_of_gt >= 0)
+
+
+def match_ssd_with_keys(
+    table: IoUTable, valid: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor]:
+    """The SSD paper's rule: ``matched[B, A]`` and the flat indices of matched anchors."""
+    matched, keys = _threshold_matches(table, valid, _check_threshold(iou_threshold))
+    num_gt = table.num_gt
+    if num_gt == 0 or table.num_anchors == 0:
+        return matched, keys
+    best_anchor = first_k(table, 1)[table.row_of, 0]  # [B, G] first argmax over anchors
+    same = best_anchor[:, :, None] == best_anchor[:, None, :]  # [B, G, G']
+    later = torch.ones(num_gt, num_gt, dtype=torch.bool, device=valid.device).triu(diagonal=1)
+    beaten = (same & later & valid[:, None, :]).any(dim=2)  # a later valid gt takes the anchor
+    return _apply(matched, keys, best_anchor, valid & ~beaten)
+
+
+def _prepare(iou: Tensor, valid: Tensor | None) -> tuple[IoUTable, Tensor]:
+    if iou.dim() != 3:
+        raise ValueError(f"iou must have shape [B, G, A], got {list(iou.shape)}")
+    batch, num_gt, _ = iou.shape
+    if valid is None:
+        valid = torch.ones((batch, num_gt), dtype=torch.bool, device=iou.device)
+    elif valid.shape != (batch, num_gt):
+        raise ValueError(
+            f"valid must have shape [B, G] = {[batch, num_gt]}, got {list(valid.shape)}"
+        )
+    valid = valid.to(device=iou.device, dtype=torch.bool)
+    if not iou.is_floating_point():
+        iou = iou.to(torch.float32)
+    return DenseIoUTable(iou, valid), valid
 
 
 def pairwise_iou_batched(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
@@ -83,19 +464,10 @@ def pairwise_iou_batched(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
         raise ValueError(f"gt_boxes must have shape [B, G, 4], got {list(gt_boxes.shape)}")
     if anchors.dim() != 2 or anchors.shape[-1] != 4:
         raise ValueError(f"anchors must have shape [A, 4], got {list(anchors.shape)}")
-    g = gt_boxes[:, :, None, :]  # [B, G, 1, 4]
-    a = anchors[None, None, :, :]  # [1, 1, A, 4]
-    area_g = (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])  # [B, G, 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # [1, 1, A]
-    inter_w = (torch.minimum(g[..., 2], a[..., 2]) - torch.maximum(g[..., 0], a[..., 0])).clamp(
-        min=0
-    )
-    inter_h = (torch.minimum(g[..., 3], a[..., 3]) - torch.maximum(g[..., 1], a[..., 1])).clamp(
-        min=0
-    )
-    inter = inter_w * inter_h
-    iou = inter / (area_a + area_g - inter)
-    return torch.nan_to_num(iou, nan=0.0)
+    dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+    g = tuple(c[..., None] for c in gt_boxes.to(dtype).unbind(-1))  # 4 x [B, G, 1]
+    a = tuple(anchors.to(dtype).unbind(-1))  # 4 x [A]
+    return torch.nan_to_num(_box_iou(g, a), nan=0.0)
 
 
 def match_anchors_batched(
@@ -121,47 +493,34 @@ def match_anchors_batched(
 
     """
     threshold = _check_threshold(iou_threshold)
-    if iou.dim() != 3:
-        raise ValueError(f"iou must have shape [B, G, A], got {list(iou.shape)}")
-    batch, num_gt, num_anchors = iou.shape
-    device = iou.device
-    matched = torch.full((batch, num_anchors), -1, dtype=torch.long, device=device)
-    if valid is None:
-        valid = torch.ones((batch, num_gt), dtype=torch.bool, device=device)
-    elif valid.shape != (batch, num_gt):
-        raise ValueError(
-            f"valid must have shape [B, G] = {[batch, num_gt]}, got {list(valid.shape)}"
-        )
-    valid = valid.to(device=device, dtype=torch.bool)
-    if num_gt == 0 or num_anchors == 0:
-        return matched
+    table, valid = _prepare(iou, valid)
+    return match_book_with_keys(table, valid, threshold)[0]
 
-    # Working copy: padding columns discarded (-1) from the start. Never writes into `iou`.
-    jac = torch.nan_to_num(iou, nan=0.0).masked_fill(~valid[:, :, None], -1.0)
 
-    # Step 1: anchors whose best (valid) IoU reaches the threshold take their first-argmax gt.
-    max_iou, best_gt = jac.max(dim=1)  # [B, A]
-    matched = torch.where(max_iou >= threshold, best_gt, matched)
+def match_anchors_ssd_batched(
+    iou: Tensor, valid: Tensor | None = None, iou_threshold: float = 0.5
+) -> Tensor:
+    """Assign anchors as the SSD paper does (ssd.pytorch's ``match``), for a batch.
 
-    # Step 2: rounds of mutual best pairs (== the book's sequential greedy, see module docstring).
-    # Gathers only (no scatter), so it is deterministic on every device. Entries >= 0 are exactly
-    # the open (unassigned, valid) rows and columns: closed ones are all -1.
-    gt_ids = torch.arange(num_gt, device=device)[None, :]  # [1, G]
-    anchor_ids = torch.arange(num_anchors, device=device)[None, :]  # [1, A]
-    for _ in range(num_gt):  # at least one pair per round while any remains: <= G rounds
-        best_anchor = jac.argmax(dim=2)  # [B, G] first argmax of each column g
-        best_gt = jac.argmax(dim=1)  # [B, A] first argmax of each row a
-        # gt side: g is paired when its best anchor's best gt is g again
-        gt_value = jac.gather(2, best_anchor[:, :, None]).squeeze(2)  # [B, G]
-        gt_mutual = (best_gt.gather(1, best_anchor) == gt_ids) & (gt_value >= 0)
-        if not bool(gt_mutual.any()):
-            break
-        # anchor side (the same pairs, seen from the rows)
-        anchor_value = jac.gather(1, best_gt[:, None, :]).squeeze(1)  # [B, A]
-        anchor_mutual = (best_anchor.gather(1, best_gt) == anchor_ids) & (anchor_value >= 0)
-        matched = torch.where(anchor_mutual, best_gt, matched)  # overrides step 1
-        jac = jac.masked_fill(gt_mutual[:, :, None] | anchor_mutual[:, None, :], -1.0)
-    return matched
+    Anchors whose best IoU is ``>= iou_threshold`` take their best ground truth (the lowest index
+    among ties); then each valid ground truth ``j`` is forced onto its best anchor (the lowest
+    anchor index among ties), ``j`` ascending, so a later ground truth wins an anchor that is the
+    best of several (ssd.pytorch's explicit loop; torchvision's ``SSDMatcher`` gets the same from
+    its index assignment on the CPU).
+
+    Args:
+        iou: ``Tensor[B, G, A]`` float IoU (values in ``[0, 1]``). Not modified.
+        valid: ``Tensor[B, G]`` bool, ``False`` for padding ground truths (ignored); ``None``
+            means all valid.
+        iou_threshold: in ``(0, 1]``; the paper uses 0.5.
+
+    Returns:
+        ``Tensor[B, A]`` int64: ground-truth index per anchor, ``-1`` for background.
+
+    """
+    threshold = _check_threshold(iou_threshold)
+    table, valid = _prepare(iou, valid)
+    return match_ssd_with_keys(table, valid, threshold)[0]
 
 
 def match_anchors(iou: Tensor, iou_threshold: float = 0.5) -> Tensor:
@@ -183,3 +542,20 @@ def match_anchors(iou: Tensor, iou_threshold: float = 0.5) -> Tensor:
     if iou.dim() != 2:
         raise ValueError(f"iou must have shape [G, A], got {list(iou.shape)}")
     return match_anchors_batched(iou[None], iou_threshold=iou_threshold)[0]
+
+
+def match_anchors_ssd(iou: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """The SSD paper's assignment for one image, from ``iou[G, A]``.
+
+    Args:
+        iou: ``Tensor[G, A]`` float IoU. Not modified.
+        iou_threshold: in ``(0, 1]``.
+
+    Returns:
+        ``Tensor[A]`` int64, the assigned ground-truth index or ``-1`` (background). See
+        :func:`match_anchors_ssd_batched`.
+
+    """
+    if iou.dim() != 2:
+        raise ValueError(f"iou must have shape [G, A], got {list(iou.shape)}")
+    return match_anchors_ssd_batched(iou[None], iou_threshold=iou_threshold)[0]

@@ -1,25 +1,40 @@
 """Training targets for every anchor: the book's ``multibox_target``, batched.
 
 A :class:`TargetEncoder` pads the per-image ground truths into the book's label layout
-(:func:`pad_targets`), computes the ``[B, G, A]`` IoU, assigns anchors with
-:func:`~src.detection.matching.match_anchors_batched` and encodes the matched boxes with a
-:class:`~src.detection.coder.BoxCoder`. :func:`src.detection.compat.multibox_target` is a thin
-wrapper around :meth:`TargetEncoder.encode_padded`.
+(:func:`pad_targets`), computes the ``[B, G, A]`` IoU, assigns anchors with the book's rule
+(:func:`~src.detection.matching.match_anchors_batched`, the default) or the SSD paper's
+(:func:`~src.detection.matching.match_anchors_ssd_batched`, ``rule="ssd"``) and encodes the
+matched boxes with a :class:`~src.detection.coder.BoxCoder`.
+:func:`src.detection.compat.multibox_target` is a thin wrapper around
+:meth:`TargetEncoder.encode_padded`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from src.detection.coder import BoxCoder
-from src.detection.matching import match_anchors_batched, pairwise_iou_batched
+from src.detection.grid_layout import GridLevel, find_grid_layout
+from src.detection.matching import (
+    BoxIoUTable,
+    IoUTable,
+    match_book_with_keys,
+    match_ssd_with_keys,
+)
 
-__all__ = ["MultiboxTargets", "TargetEncoder", "pad_targets"]
+__all__ = ["MATCHING_RULES", "MultiboxTargets", "TargetEncoder", "pad_targets"]
+
+#: ``rule`` name -> matcher ``(IoUTable, valid[B, G], iou_threshold) -> (matched[B, A], keys)``
+#: (``keys``: flat indices ``b * A + a`` of the matched anchors, possibly repeated).
+MATCHING_RULES: dict[str, Callable[[IoUTable, Tensor, float], tuple[Tensor, Tensor]]] = {
+    "book": match_book_with_keys,
+    "ssd": match_ssd_with_keys,
+}
 
 
 class MultiboxTargets(NamedTuple):
@@ -111,28 +126,57 @@ def pad_targets(
 
 
 class TargetEncoder:
-    """Assign anchors to ground truths and encode the per-anchor targets (the book's rules).
+    """Assign anchors to ground truths and encode the per-anchor targets.
 
     Args:
         coder: box coder for the offsets; default ``BoxCoder()`` (variances 0.1/0.2, eps 1e-6).
         iou_threshold: anchors whose best IoU is ``>=`` this value take that ground truth, in
-            ``(0, 1]``; each ground truth additionally takes its best anchor (greedy, as the
-            book).
+            ``(0, 1]``.
+        rule: how every ground truth is also given an anchor (see
+            :mod:`src.detection.matching`): ``"book"`` (default; *Dive into Deep Learning*'s
+            greedy ``assign_anchor_to_bbox``) or ``"ssd"`` (the SSD paper: each ground truth is
+            forced onto its best anchor, later ground truths winning ties; ssd.pytorch's
+            ``match`` and torchvision's ``SSDMatcher``).
 
     Raises:
-        ValueError: if ``iou_threshold`` is outside ``(0, 1]``.
+        ValueError: if ``iou_threshold`` is outside ``(0, 1]`` or ``rule`` is unknown.
 
     """
 
-    def __init__(self, coder: BoxCoder | None = None, iou_threshold: float = 0.5) -> None:
+    def __init__(
+        self, coder: BoxCoder | None = None, iou_threshold: float = 0.5, rule: str = "book"
+    ) -> None:
         iou_threshold = float(iou_threshold)
         if not (math.isfinite(iou_threshold) and 0.0 < iou_threshold <= 1.0):
             raise ValueError(
                 f"targets.iou_threshold must be in (0, 1], got {iou_threshold}; the book and SSD "
                 "use 0.5"
             )
+        if rule not in MATCHING_RULES:
+            raise ValueError(
+                f"model.target_encoder.rule must be one of {sorted(MATCHING_RULES)}, got "
+                f"{rule!r}: 'book' is the book's greedy assignment, 'ssd' the SSD paper's"
+            )
         self.coder = coder if coder is not None else BoxCoder()
         self.iou_threshold = iou_threshold
+        self.rule = rule
+        self._match = MATCHING_RULES[rule]
+        # the grid layout of the last anchors seen (found once, reused while they do not change)
+        self._layout_anchors: Tensor | None = None
+        self._layout: list[GridLevel] | None = None
+
+    def _grid_layout(self, anchors: Tensor) -> list[GridLevel] | None:
+        cached = self._layout_anchors
+        if (
+            cached is None
+            or cached.shape != anchors.shape
+            or cached.dtype != anchors.dtype
+            or cached.device != anchors.device
+            or not torch.equal(cached, anchors)
+        ):
+            self._layout = find_grid_layout(anchors)
+            self._layout_anchors = anchors.clone()
+        return self._layout
 
     def __call__(self, anchors: Tensor, targets: Sequence[Mapping[str, Any]]) -> MultiboxTargets:
         """Targets for a batch of per-image ground truths.
@@ -179,22 +223,26 @@ class TargetEncoder:
                 f"{list(labels.shape)}"
             )
         labels = labels.to(anchors.device)
-        gt_boxes = labels[..., 1:]
         valid = labels[..., 0] >= 0  # [B, G]
-        iou = pairwise_iou_batched(gt_boxes, anchors)  # [B, G, A]
-        matched = match_anchors_batched(iou, valid, self.iou_threshold)  # [B, A]
+        layout = self._grid_layout(anchors)
+        table = BoxIoUTable(labels[..., 1:], valid, anchors, layout)  # IoU of the valid rows
+        matched, keys = self._match(table, valid, self.iou_threshold)  # [B, A], [P']
         pos = matched >= 0
         dtype = torch.promote_types(self._dtype(anchors), labels.dtype)
-        if labels.shape[1] == 0:  # no ground truth in the whole batch: all background
-            box_offsets = torch.zeros((*matched.shape, 4), dtype=dtype, device=anchors.device)
-            return MultiboxTargets(torch.zeros_like(matched), box_offsets, pos, matched)
-        safe_idx = matched.clamp(min=0)
-        cls = torch.gather(labels[..., 0], 1, safe_idx)  # [B, A]
-        cls_labels = torch.where(pos, cls.long() + 1, torch.zeros_like(matched))
-        assigned = torch.gather(gt_boxes, 1, safe_idx[..., None].expand(-1, -1, 4))  # [B, A, 4]
-        offsets = self.coder.encode(assigned, anchors[None]).to(dtype)
-        box_offsets = torch.where(pos[..., None], offsets, torch.zeros_like(offsets))
+        batch, num_anchors = matched.shape
+        cls_labels = torch.zeros_like(matched)
+        box_offsets = torch.zeros((batch, num_anchors, 4), dtype=dtype, device=anchors.device)
+        # Only the positive anchors (a few per object) are gathered and encoded.
+        keys = keys.unique()  # [P] the positive anchors, row-major (== pos.nonzero())
+        b_idx, a_idx = keys // num_anchors, keys % num_anchors
+        g_idx = matched[b_idx, a_idx]
+        cls_labels[b_idx, a_idx] = labels[b_idx, g_idx, 0].long() + 1
+        offsets = self.coder.encode(labels[b_idx, g_idx, 1:], anchors[a_idx])  # [P, 4]
+        box_offsets[b_idx, a_idx] = offsets.to(dtype)
         return MultiboxTargets(cls_labels, box_offsets, pos, matched)
 
     def __repr__(self) -> str:
-        return f"TargetEncoder(coder={self.coder!r}, iou_threshold={self.iou_threshold})"
+        return (
+            f"TargetEncoder(coder={self.coder!r}, iou_threshold={self.iou_threshold}, "
+            f"rule={self.rule!r})"
+        )
