@@ -84,3 +84,20 @@ def test_init_from_train_checkpoint_and_bad_files(tmp_path: Path) -> None:
     torch.save({"foo.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="neither"):
         load_initial_weights(dst_net, str(bad))
+
+
+def test_one_box_coder_shared_and_metrics_keyed_by_stage(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "train",
+        [f"paths.output_dir={tmp_path}", "model.net.num_classes=1", "model.box_coder.size_clip=3"],
+    )
+    module = instantiate(cfg.model)
+    assert module.box_coder is module.target_encoder.coder is module.postprocess.coder
+    assert module.box_coder.size_clip == 3.0
+    assert set(module.metrics_of("val")) == {"book", "loss", "map", "voc"}
+    assert set(module.metrics_of("train")) == {"book", "loss"}
+    assert module.metrics_of("val") is not module.metrics_of("test")

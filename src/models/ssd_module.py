@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from src.detection.box_ops import scale_boxes
+from src.detection.coder import BoxCoder
 from src.detection.targets import MultiboxTargets, TargetEncoder
 from src.metrics import BBoxMAE, ClassError, DetectionMeanAveragePrecision
 from src.models.convert import load_initial_weights
@@ -81,6 +82,9 @@ class SSDLitModule(LightningModule):
         init_from: initial weights for the net: a checkpoint of ``src.train`` (``.ckpt``), or an
             ``ssd.pytorch`` SSD300 state dict (keys ``vgg.*``, ``L2Norm.weight``, ``extras.*``,
             ``loc.*``, ``conf.*``), mapped onto this net by ``src.models.convert``.
+        box_coder: the one :class:`~src.detection.coder.BoxCoder` (variances, size clip) that
+            encodes the targets, decodes the predictions and draws the pictures; it replaces
+            the coders of ``target_encoder`` and ``postprocess``. Default: theirs.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class SSDLitModule(LightningModule):
         voc_metric: Metric | None = None,
         init_from: str | None = None,
         channels_last: bool = True,
+        box_coder: BoxCoder | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -109,6 +114,7 @@ class SSDLitModule(LightningModule):
         self.save_hyperparameters(
             logger=False,
             ignore=[
+                "box_coder",
                 "net", "loss", "postprocess", "target_encoder", "voc_metric", "optimizer",
                 "scheduler", "class_names",
             ],
@@ -119,6 +125,12 @@ class SSDLitModule(LightningModule):
         self.loss_fn = loss
         self.postprocess = postprocess
         self.target_encoder = target_encoder if target_encoder is not None else TargetEncoder()
+        #: one coder, configured once (``model.box_coder``), shared by the target encoder, the
+        #: post-processing and the pictures
+        self.box_coder = box_coder if box_coder is not None else self.target_encoder.coder
+        self.target_encoder.coder = self.box_coder
+        if hasattr(self.postprocess, "coder"):
+            self.postprocess.coder = self.box_coder
         self.class_names = [str(n) for n in class_names] if class_names is not None else None
         if init_from:
             load_initial_weights(net, init_from)
