@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import re
@@ -275,7 +276,7 @@ def collect(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> 
         status = "ok" if len(found) == len(metrics) else "incomplete"
         if status != "ok":
             log.warning("run %s never logged %s", run_dir, [m for m in metrics if m not in scalars])
-        runs.append(RunResult(name, run_dir, overrides, found, status))
+        runs.append(RunResult(name, run_dir, overrides, found, run_status(run_dir) or status))
     best = None
     results = root / "optimization_results.yaml"
     if results.is_file():
@@ -283,6 +284,32 @@ def collect(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> 
         _apply_trial_states(runs, best.get("trials") or [])
     keys = [k for k in swept_keys([r.overrides for r in runs]) if not k.startswith(TRIAL_PREFIX)]
     return Report(root, runs, keys, tuple(metrics), best=best)
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The outcome ``src.train`` wrote to ``<run>/status.json`` when it was not ``ok``.
+
+    Returns:
+        ``"diverged at step N"``, ``"interrupted (SIGTERM)"``, ``"failed: <reason>"``, or
+        ``None`` for a run that ended normally or wrote no status.
+    """
+    path = run_dir / "status.json"
+    if not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable status.json: {err}"
+    state = status.get("status")
+    if state == "diverged":
+        step = status.get("step")
+        return "diverged" if step is None else f"diverged at step {step}"
+    if state == "interrupted":
+        return f"interrupted ({status.get('signal', 'signal')})"
+    if state == "failed":
+        reason = " ".join(str(status.get("message") or "unknown reason").split())
+        return f"failed: {reason[:200]}"
+    return None
 
 
 def trial_status(trial: dict[str, Any]) -> str | None:

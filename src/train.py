@@ -206,7 +206,9 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         raise SystemExit(err.exit_code) from err
     except Exception as err:
-        write_status(run_dir, "failed", message=f"{type(err).__name__}: {err}")
+        # a trial that an Optuna pruner stopped (optuna.TrialPruned) is not a failure
+        state = "pruned" if type(err).__name__ == "TrialPruned" else "failed"
+        write_status(run_dir, state, message=f"{type(err).__name__}: {err}")
         raise
     write_status(run_dir, "ok", metrics=metrics)
     name = cfg.get("optimized_metric")

@@ -121,3 +121,18 @@ def test_cli_prints_the_files(sweep: Path, capsys: pytest.CaptureFixture[str]) -
     assert printed == [str(sweep / f"report.{ext}") for ext in ("md", "csv", "png")]
     header = (sweep / "report.csv").read_text().splitlines()[0]
     assert header == "run,loss.sigma,val/mAP_50,val/loss,status"
+
+
+def test_diverged_and_interrupted_runs_are_marked(sweep: Path) -> None:
+    import json
+
+    from src.utils.faults import write_status
+
+    write_status(sweep / "0", "ok", metrics={"val/mAP_50": 0.5})
+    write_status(sweep / "1", "diverged", message="training diverged at global step 7", step=7)
+    (sweep / "2" / "status.json").write_text(
+        json.dumps({"status": "interrupted", "signal": "SIGTERM"})
+    )
+    rows = {r["run"]: r["status"] for r in make_report(sweep).rows()}
+    assert rows == {"0": "ok", "1": "diverged at step 7", "2": "interrupted (SIGTERM)"}
+    assert "diverged at step 7" in (sweep / "report.md").read_text()
