@@ -41,6 +41,13 @@ from src.data.transforms import IMAGENET_MEAN
 
 logger = logging.getLogger(__name__)
 
+#: socket timeout of the download that ``source=auto`` tries (``source=real`` waits
+#: ``data.download_timeout``).
+AUTO_TIMEOUT = 10.0
+#: URLs whose download failed in this process: ``source=auto`` does not retry them (a sweep's
+#: jobs in one process try once).
+_FAILED_DOWNLOADS: dict[str, str] = {}
+
 BANANA_CLASSES: tuple[str, ...] = ("banana",)
 REAL_FOLDER = "banana-detection"
 SYNTHETIC_FOLDER = "banana-synthetic"
@@ -397,7 +404,7 @@ class BananaDataModule(DetectionDataModule):
             self.synthetic_dir, hp.num_synthetic_train, hp.num_synthetic_val, hp.seed
         )
 
-    def _download(self) -> None:
+    def _download(self, timeout: float | None = None) -> None:
         hp = self.hparams
         if self.real_dir.exists():  # present but incomplete (else _real_available was True)
             missing = [
@@ -407,14 +414,15 @@ class BananaDataModule(DetectionDataModule):
             ]
             raise DownloadError(
                 f"{self.real_dir} exists but is incomplete (missing {', '.join(missing)}); "
-                "delete it to download the dataset again"
+                "restore the missing files, or point data.data_dir elsewhere to download a "
+                "fresh copy"
             )
         download_and_extract(
             hp.url,
             self.data_dir,
             REAL_FOLDER,
             sha1=hp.sha1,
-            timeout=hp.download_timeout,
+            timeout=hp.download_timeout if timeout is None else timeout,
             required=[f"{d}/label.csv" for d in SPLIT_DIRS.values()],
         )
 
@@ -461,11 +469,19 @@ class BananaDataModule(DetectionDataModule):
             logger.info("Using the synthetic banana data in %s", self.synthetic_dir)
             return "synthetic"
         reason = f"no real banana data in {self.real_dir} and data.download=false"
-        if self.hparams.download:
+        url = self.hparams.url
+        if self.hparams.download and url in _FAILED_DOWNLOADS:
+            reason = (
+                f"the download failed earlier in this process ({_FAILED_DOWNLOADS[url]}); not "
+                "retried (data.source=real retries)"
+            )
+        elif self.hparams.download:
             try:
-                self._download()
+                # a quick try: an offline machine falls back in seconds, not minutes
+                self._download(timeout=min(float(self.hparams.download_timeout), AUTO_TIMEOUT))
                 return "real"
             except DownloadError as err:
+                _FAILED_DOWNLOADS[url] = str(err)
                 reason = f"the download failed ({err})"
         if not self._synthetic_current():
             self._generate()

@@ -9,11 +9,13 @@ URL, the reason and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -120,6 +122,12 @@ def download_and_extract(
     if final.exists():
         return final
     data_dir.mkdir(parents=True, exist_ok=True)
+    # leftovers of a download killed without cleanup (SIGKILL, power loss), older than a minute
+    for stale in data_dir.glob(f".{folder}-*.zip.part"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 60:
+                stale.unlink()
+                logger.info("Removed %s, left by an interrupted download", stale)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{folder}-", suffix=".zip.part", dir=data_dir)
     os.close(fd)

@@ -48,8 +48,10 @@ from src.data.base import (
     DataFormatError,
     DetectionDataModule,
     DetectionDataset,
+    ImageReadError,
     Transform,
     read_class_names,
+    read_image,
     report_skipped,
 )
 from src.data.transforms import IMAGENET_MEAN
@@ -374,6 +376,11 @@ class VOCDataset(DetectionDataset):
                     record, bad = parse_voc_annotation(
                         xml_path, jpg_path, self.skip_invalid, self.classes, unknown_classes
                     )
+                    if self.skip_invalid:  # images that do not decode are skipped too
+                        try:
+                            read_image(jpg_path)
+                        except ImageReadError as err:
+                            raise VOCAnnotationError(str(err)) from err
                 except VOCAnnotationError as err:
                     if not self.skip_invalid:
                         raise

@@ -13,3 +13,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _forget_failed_downloads():
+    """``source=auto`` remembers failed downloads per process; each test starts afresh."""
+    from src.data import banana
+
+    banana._FAILED_DOWNLOADS.clear()
+    yield
+    banana._FAILED_DOWNLOADS.clear()

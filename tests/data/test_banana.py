@@ -318,7 +318,7 @@ def test_auto_without_download_warns(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_incomplete_real_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_real(tmp_path)
     (tmp_path / "banana-detection" / "bananas_val" / "label.csv").unlink()
-    with pytest.raises(DownloadError, match="incomplete.*delete it"):
+    with pytest.raises(DownloadError, match="incomplete.*restore the missing files"):
         make_dm(tmp_path, source="real").prepare_data()
     dm = make_dm(tmp_path, source="auto")
     with caplog.at_level(logging.WARNING, logger="src.data.banana"):

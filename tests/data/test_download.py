@@ -190,3 +190,51 @@ def test_datamodule_auto_checksum_failure_falls_back(
     assert "SYNTHETIC" in warnings[0].getMessage()
     assert "checksum mismatch" in warnings[0].getMessage()
     assert sorted(os.listdir(tmp_path)) == ["banana-synthetic"]
+
+
+def test_interrupted_download_leaves_no_part_file(
+    server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import src.data.download as download
+
+    def interrupted(url: str, dest: Path, timeout: float) -> str:
+        dest.write_bytes(b"half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "_fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_and_extract(f"{server[0]}/x.zip", tmp_path, "banana-detection", sha1=None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_part_file_of_a_killed_download_is_removed(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    base, served = server
+    sha1 = _book_zip(served / "good2.zip")
+    stale = tmp_path / ".banana-detection-abc.zip.part"
+    stale.write_bytes(b"left by kill -9")
+    os.utime(stale, (0, 0))  # long ago
+    download_and_extract(f"{base}/good2.zip", tmp_path, "banana-detection", sha1, required=REQUIRED)
+    assert sorted(os.listdir(tmp_path)) == ["banana-detection"]
+
+
+def test_auto_does_not_retry_a_failed_download_in_the_same_process(
+    server: tuple[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import src.data.banana as banana
+
+    base, _ = server
+    url = f"{base}/does-not-exist.zip"
+    _datamodule(tmp_path / "a", url, None, "auto").prepare_data()
+    calls: list[str] = []
+    real = banana.download_and_extract
+    monkeypatch.setattr(
+        banana, "download_and_extract", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    )
+    dm = _datamodule(tmp_path / "b", url, None, "auto")
+    with caplog.at_level(logging.WARNING, logger="src.data.banana"):
+        dm.prepare_data()
+    assert calls == [] and dm.hparams["resolved_source"] == "synthetic"
+    assert "failed earlier in this process" in caplog.text and "HTTP 404" in caplog.text

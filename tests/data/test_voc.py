@@ -544,3 +544,17 @@ def test_own_classes_train_a_two_class_model(tmp_path, mini_root):
     _, objects = train(cfg)
     assert objects["model"].net.num_classes == 2
     assert objects["model"].class_names == ["person", "dog"]
+
+
+def test_skip_invalid_also_skips_images_that_do_not_decode(tmp_path, caplog):
+    root = make_voc(tmp_path, {"000001": GOOD, "000002": GOOD})
+    (root / "VOC2007" / "JPEGImages" / "000002.jpg").write_bytes(b"this is not a JPEG")
+    ds = VOCDataset(root, [[2007, "trainval"]])  # without skip_invalid: found when loaded
+    assert len(ds) == 2
+    with pytest.raises(Exception, match="000002.jpg"):
+        ds[1]
+    with caplog.at_level(logging.WARNING, logger="src.data.voc"):
+        ds = VOCDataset(root, [[2007, "trainval"]], skip_invalid=True)
+    assert [r.image_id for r in ds.records] == ["000001"] and ds.num_skipped_images == 1
+    assert "skipped 0 invalid object(s) and 1 image(s)" in caplog.text
+    assert "000002.jpg" in caplog.text and "delete" not in caplog.text
