@@ -1,5 +1,8 @@
 """Evaluation entry point: ``python -m src.eval ckpt_path=PATH [split=val|test]``.
 
+Writes, in the run folder, ``detections.json`` (every detection in the COCO results format:
+original image and category ids, ``[x, y, w, h]`` pixels) and ``per_class_ap_<split>.md``.
+
 The network is rebuilt from the config stored in the checkpoint, so no training overrides need to
 be repeated; the data come from the checkpoint too unless a ``data`` group is selected.
 """
@@ -7,6 +10,7 @@ be repeated; the data come from the checkpoint too unless a ``data`` group is se
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -23,6 +27,7 @@ from src.utils.checkpoint import (
 )
 from src.utils.config import set_project_root
 from src.utils.instantiate import instantiate_loggers
+from src.utils.results import CocoResultsCallback
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +102,35 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    run_config, _ = load_run_config(cfg.ckpt_path)
+    run_config, checkpoint = load_run_config(cfg.ckpt_path)
     check_backbone(cfg, run_config)
     datamodule = instantiate(data_config(cfg, run_config))
     check_classes(cfg, run_config, datamodule)
-    model, run_config = load_module(cfg.ckpt_path)
+    model, run_config = load_module(cfg.ckpt_path, checkpoint=checkpoint)
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, logger=loggers or False)
+    out_dir = Path(cfg.paths.output_dir)
+    writer = CocoResultsCallback(out_dir / "detections.json")
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[writer])
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(model=model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     for name, value in sorted(metrics.items()):
         log.info("%-20s %.6f", name, value)
-    objects: dict[str, Any] = {"model": model, "datamodule": datamodule, "trainer": trainer}
+    objects: dict[str, Any] = {
+        "model": model,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "detections_json": writer.written,
+    }
     voc = model.voc_results.get(cfg.split)
     if voc is not None:
         ap = model.metrics_of(cfg.split)["voc"].per_class_ap(voc)
         names = list(model.class_names or [str(c) for c in range(ap.numel())])
         table = per_class_table(names, ap.tolist(), float(voc["map_50"]))
-        log.info("Per-class VOC AP@0.5 (%s):\n%s", cfg.split, table)
+        table_path = out_dir / f"per_class_ap_{cfg.split}.md"
+        table_path.write_text(table + "\n")
+        log.info("Per-class VOC AP@0.5 (%s, also in %s):\n%s", cfg.split, table_path, table)
+        objects["per_class_table_path"] = table_path
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(f"{cfg.split}/per_class_AP50", table, 0)

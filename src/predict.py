@@ -1,25 +1,33 @@
-"""Prediction entry point: ``python -m src.predict ckpt_path=PATH image=PATH [threshold=0.9]``.
+"""Prediction entry point: ``python -m src.predict ckpt_path=PATH image=PATH_OR_DIR``.
 
-For every image ``a.jpg``, writes ``a_jpg_pred.png`` (the image with the boxes and scores above
-the threshold, like the book's ``display``) and ``a_jpg_pred.json`` (the boxes in pixels); the
-suffix is part of the name, so ``a.jpg`` and ``a.png`` in one folder give distinct outputs. A file
-that cannot be decoded is reported and skipped; the others are processed, and the command exits
-non-zero at the end.
+``image`` is an image file or a folder, searched recursively. For every image ``sub/a.jpg`` it
+writes ``sub/a_jpg_pred.png`` (the image with the boxes and scores above ``threshold``, like the
+book's ``display``) and ``sub/a_jpg_pred.json`` (the boxes in pixels) under ``output_dir``; the
+suffix is part of the name, so ``a.jpg`` and ``a.png`` give distinct outputs. For all images
+together it writes ``detections.json`` (every detection above ``threshold`` in the COCO results
+format: ``image_id``, original ``category_id``, ``bbox`` ``[x, y, w, h]`` pixels, ``score``) and
+``images.json`` (``id``, ``file_name`` relative to ``image``, ``width``, ``height``: the COCO
+``images`` entries those ids refer to). Images go through the network ``batch_size`` at a time;
+the log gives images/s. A file that cannot be decoded is reported and skipped; the others are
+processed, and the command exits non-zero at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
-from torchvision.io import ImageReadMode, decode_image, write_png
+from omegaconf import DictConfig, OmegaConf
+from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as F
 
+from src.data.base import ImageReadError, read_image
+from src.data.coco_results import coco_results, write_coco_results
 from src.detection.box_ops import scale_boxes
 from src.utils.checkpoint import load_module
 from src.utils.config import set_project_root
@@ -29,30 +37,27 @@ log = logging.getLogger(__name__)
 
 set_project_root()
 
+__all__ = ["PredictionError", "list_images", "output_stem", "predict", "predict_batch"]
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """The image files at ``path`` (a file, or a directory searched non-recursively)."""
+    """The image files at ``path``: the file itself, or a folder's images (recursive, sorted)."""
     path = Path(path)
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         if not images:
             raise FileNotFoundError(
-                f"image={path} is a directory without images ({sorted(IMAGE_SUFFIXES)})"
+                f"image={path} is a folder without images ({sorted(IMAGE_SUFFIXES)}, searched "
+                "recursively)"
             )
         return images
     if not path.is_file():
-        raise FileNotFoundError(f"image={path} does not exist; pass an image file or a directory")
+        raise FileNotFoundError(f"image={path} does not exist; pass an image file or a folder")
     return [path]
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file to ``Tensor[3, H, W]`` uint8 RGB, with an error naming the file."""
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from err
 
 
 class PredictionError(RuntimeError):
@@ -80,35 +85,84 @@ def output_stem(path: Path) -> str:
 
 
 @torch.no_grad()
-def predict_image(module: Any, image: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Detect objects in one image.
+def predict_batch(
+    module: Any, images: list[torch.Tensor], threshold: float
+) -> list[dict[str, torch.Tensor]]:
+    """Detect objects in a batch of images of any sizes.
 
     Args:
         module: a trained ``SSDLitModule`` (its ``net.image_size`` gives the input size).
-        image: ``Tensor[3, H, W]`` uint8.
+        images: ``Tensor[3, H_i, W_i]`` uint8 each.
         threshold: minimum score kept.
 
     Returns:
-        ``boxes: Tensor[N, 4]`` xyxy in pixels of ``image``, ``scores: Tensor[N]``,
-        ``labels: Tensor[N]`` 0-based, sorted by decreasing score.
+        One dict per image: ``boxes: Tensor[N, 4]`` xyxy in pixels of that image,
+        ``scores: Tensor[N]``, ``labels: Tensor[N]`` 0-based, by decreasing score (CPU).
     """
-    height, width = image.shape[-2:]
     size = list(module.net.image_size)
     device = next(module.parameters()).device
-    x = F.resize(F.to_dtype(image, torch.float32, scale=True), size, antialias=True)
-    out = module(x.unsqueeze(0).to(device))
-    det = module.postprocess(out.cls_logits, out.box_deltas, out.anchors)[0]
-    keep = det["scores"] >= threshold
-    order = det["scores"][keep].argsort(descending=True)
-    return {
-        "boxes": scale_boxes(det["boxes"][keep][order].cpu(), width, height),
-        "scores": det["scores"][keep][order].cpu(),
-        "labels": det["labels"][keep][order].cpu(),
-    }
+    batch = torch.stack(
+        [F.resize(F.to_dtype(im, torch.float32, scale=True), size, antialias=True) for im in images]
+    )
+    out = module(batch.to(device))
+    detections = module.postprocess(out.cls_logits, out.box_deltas, out.anchors)
+    results = []
+    for image, det in zip(images, detections, strict=True):
+        height, width = image.shape[-2:]
+        keep = det["scores"] >= threshold
+        order = det["scores"][keep].argsort(descending=True)
+        results.append(
+            {
+                "boxes": scale_boxes(det["boxes"][keep][order].float().cpu(), width, height),
+                "scores": det["scores"][keep][order].float().cpu(),
+                "labels": det["labels"][keep][order].cpu(),
+            }
+        )
+    return results
+
+
+def _write_image_outputs(
+    path: Path, rel: Path, image: torch.Tensor, det: dict[str, torch.Tensor], cfg: DictConfig,
+    names: list[str] | None, out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``<stem>_pred.png`` and ``<stem>_pred.json`` of one image; return its record."""
+    height, width = image.shape[-2:]
+    norm = {**det, "boxes": scale_boxes(det["boxes"], 1.0 / width, 1.0 / height)}
+    drawn = draw_detections(image, norm, class_names=names, score_threshold=float(cfg.threshold))
+    folder = out_dir / rel.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(path)
+    png = folder / f"{stem}_pred.png"
+    write_png(drawn, str(png))
+    detections = [
+        {
+            "label": int(label),
+            "class_name": names[int(label)] if names else str(int(label)),
+            "score": float(score),
+            "box": [float(v) for v in box],
+        }
+        for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True)
+    ]
+    js = folder / f"{stem}_pred.json"
+    js.write_text(
+        json.dumps(
+            {
+                "image": str(path),
+                "width": int(width),
+                "height": int(height),
+                "box_format": "xyxy pixels",
+                "threshold": float(cfg.threshold),
+                "detections": detections,
+            },
+            indent=2,
+        )
+    )
+    log.debug("%s: %d boxes -> %s, %s", path, len(detections), png, js)
+    return {"image": str(path), "png": str(png), "json": str(js), "detections": detections}
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the checkpoint on every image and write the annotated image and the JSON of boxes.
+    """Run the checkpoint on every image and write the pictures, the JSONs and the COCO results.
 
     Args:
         cfg: the composed ``conf/predict.yaml``.
@@ -121,56 +175,56 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """
     if not 0.0 <= float(cfg.threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {cfg.threshold}")
-    module, _ = load_module(cfg.ckpt_path)
+    batch_size = int(cfg.get("batch_size", 8))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = list_images(cfg.image)
+    module, run_config = load_module(cfg.ckpt_path)
     module.to(cfg.device)
     names = module.class_names
+    count = int(module.net.num_classes)
+    category_ids = OmegaConf.select(run_config, "category_ids", default=None)
+    category_ids = list(category_ids) if category_ids else list(range(1, count + 1))
+    root = Path(cfg.image) if Path(cfg.image).is_dir() else Path(cfg.image).parent
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+
+    records: list[dict[str, Any]] = []
     failed: list[tuple[str, str]] = []
-    for path in list_images(cfg.image):
-        try:
-            image = read_image(path)
-        except ValueError as err:
-            log.error("Skipping %s: %s", path, err)
-            failed.append((str(path), str(err)))
+    images_json: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    seconds = 0.0
+    for start in range(0, len(paths), batch_size):
+        batch: list[tuple[int, Path, torch.Tensor]] = []
+        for image_id, path in enumerate(paths[start : start + batch_size], start=start + 1):
+            try:
+                batch.append((image_id, path, read_image(path)))
+            except (ImageReadError, FileNotFoundError) as err:
+                log.error("Skipping %s: %s", path, err)
+                failed.append((str(path), str(err)))
+        if not batch:
             continue
-        det = predict_image(module, image, float(cfg.threshold))
-        height, width = image.shape[-2:]
-        norm = {**det, "boxes": scale_boxes(det["boxes"], 1.0 / width, 1.0 / height)}
-        drawn = draw_detections(
-            image, norm, class_names=names, score_threshold=float(cfg.threshold)
-        )
-        stem = output_stem(path)
-        png = out_dir / f"{stem}_pred.png"
-        write_png(drawn, str(png))
-        detections = [
-            {
-                "label": int(label),
-                "class_name": names[int(label)] if names else str(int(label)),
-                "score": float(score),
-                "box": [float(v) for v in box],
-            }
-            for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True)
-        ]
-        js = out_dir / f"{stem}_pred.json"
-        js.write_text(
-            json.dumps(
-                {
-                    "image": str(path),
-                    "width": int(width),
-                    "height": int(height),
-                    "box_format": "xyxy pixels",
-                    "threshold": float(cfg.threshold),
-                    "detections": detections,
-                },
-                indent=2,
+        tic = time.perf_counter()
+        detections = predict_batch(module, [im for _, _, im in batch], float(cfg.threshold))
+        seconds += time.perf_counter() - tic
+        for (image_id, path, image), det in zip(batch, detections, strict=True):
+            rel = path.relative_to(root)
+            records.append(_write_image_outputs(path, rel, image, det, cfg, names, out_dir))
+            height, width = image.shape[-2:]
+            images_json.append(
+                {"id": image_id, "file_name": rel.as_posix(), "width": width, "height": height}
             )
-        )
-        log.info("%s: %d boxes -> %s, %s", path, len(detections), png, js)
-        records.append(
-            {"image": str(path), "png": str(png), "json": str(js), "detections": detections}
-        )
+        results += coco_results(detections, [i for i, _, _ in batch], category_ids)
+
+    detections_path = write_coco_results(out_dir / "detections.json", results)
+    (out_dir / "images.json").write_text(json.dumps(images_json, indent=2))
+    if records:
+        log.info(
+            "%d images in %.2f s of network + post-processing: %.1f images/s (batch_size=%d, "
+            "%s); pictures and JSON in %s, COCO results in %s",
+            len(records), seconds, len(records) / max(seconds, 1e-9), batch_size, cfg.device,
+            out_dir, detections_path,
+        )  # fmt: skip
     if failed:
         raise PredictionError(records, failed)
     return records

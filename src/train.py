@@ -48,9 +48,10 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
     """Fill the class count and names that the data decide, where the config leaves them null.
 
     ``model.net.num_classes`` becomes ``datamodule.num_classes``; ``model.class_names`` (and the
-    VOC metric's) become ``datamodule.classes``. The names then travel with the run config into
-    checkpoints, so ``src.eval`` and ``src.predict`` label boxes and per-class tables without
-    the data.
+    VOC metric's) become ``datamodule.classes``; ``category_ids`` becomes
+    ``datamodule.category_ids`` (each label's id in COCO results files). They travel with the
+    run config into checkpoints, so ``src.eval`` and ``src.predict`` label boxes and per-class
+    tables without the data.
 
     Raises:
         ValueError: ``model.net.num_classes`` was set by hand and differs from the data's.
@@ -73,6 +74,9 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
                 f"model.net.num_classes={net.num_classes} but the data have {count} classes "
                 f"({names}); drop the model.net.num_classes override: the count comes from the data"
             )
+        ids = getattr(datamodule, "category_ids", None)
+        if ids and cfg.get("category_ids") is None:  # for COCO results files (src.predict)
+            cfg.category_ids = [int(i) for i in ids]
         if names is None:
             return
         if cfg.model.get("class_names") is None:

@@ -30,8 +30,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchvision.transforms.v2 import functional as F
 
+from src.data.base import read_image
 from src.eval import data_config
-from src.predict import read_image
 from src.utils.checkpoint import load_module
 from src.utils.config import set_project_root
 from src.viz.anchors import (

@@ -103,3 +103,15 @@ def test_eval_of_a_coco_checkpoint(coco_dir: Path, tmp_path: Path) -> None:
     assert objects["datamodule"].classes == ["square", "bar"]
     for key in ("val/loss", "val/mAP", "val/mAP_50"):
         assert key in metrics and metrics[key] == metrics[key]  # logged, not nan
+    # detections.json: COCO results with the JSON's own ids; COCOeval on it = the logged mAP
+    from src.data.coco_results import coco_evaluate
+
+    path = objects["detections_json"]
+    assert path == tmp_path / "eval" / "detections.json"
+    results = json.loads(path.read_text())
+    assert results and {r["category_id"] for r in results} <= {4, 9}
+    assert {r["image_id"] for r in results} <= {100, 101, 102, 103}
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
+    stats = coco_evaluate(coco_dir / "val.json", path)
+    assert stats["map"] == pytest.approx(metrics["val/mAP"], abs=1e-4)
+    assert stats["map_50"] == pytest.approx(metrics["val/mAP_50"], abs=1e-4)

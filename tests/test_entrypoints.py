@@ -139,15 +139,29 @@ def test_predict_folder_same_stem_and_undecodable_file(
     (folder / "a.png").write_bytes(source.read_bytes())
     write_jpeg(decode_image(str(source)), str(folder / "a.jpg"))
     (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.png").write_bytes(source.read_bytes())
     out = tmp_path / "out"
     cfg = compose_config(
-        "predict", [f"ckpt_path={ckpt}", f"image={folder}", "threshold=0.5", f"output_dir={out}"]
-    )
-    with pytest.raises(PredictionError, match="1 of 3 images could not be processed.*broken.jpg"):
+        "predict",
+        [f"ckpt_path={ckpt}", f"image={folder}", "threshold=0.0", f"output_dir={out}",
+         "batch_size=2"],
+    )  # fmt: skip
+    with pytest.raises(PredictionError, match="1 of 4 images could not be processed.*broken.jpg"):
         predict(cfg)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "a_jpg_pred.json", "a_jpg_pred.png", "a_png_pred.json", "a_png_pred.png"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "a_jpg_pred.json", "a_jpg_pred.png", "a_png_pred.json", "a_png_pred.png",
+        "detections.json", "images.json", "sub/b_png_pred.json", "sub/b_png_pred.png",
     ]  # fmt: skip
+    # one COCO results file for the whole folder; its image ids refer to images.json
+    images = json.loads((out / "images.json").read_text())
+    assert [im["file_name"] for im in images] == ["a.jpg", "a.png", "sub/b.png"]
+    results = json.loads((out / "detections.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {im["id"] for im in images}
+    assert {r["category_id"] for r in results} == {1}  # banana: category id 1
+    per_image = json.loads((out / "sub" / "b_png_pred.json").read_text())["detections"]
+    b_id = next(im["id"] for im in images if im["file_name"] == "sub/b.png")
+    assert len(per_image) == sum(r["image_id"] == b_id for r in results)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "src.predict", f"ckpt_path={ckpt}", f"image={folder}",

@@ -258,14 +258,19 @@ class SSDLitModule(LightningModule):
                     "difficult": t.get(
                         "difficult", torch.zeros_like(t["labels"], dtype=torch.bool)
                     ),
+                    "iscrowd": t.get("iscrowd", torch.zeros_like(t["labels"], dtype=torch.bool)),
                 }
                 for t in targets
             ],
             targets,
         )
-        # COCO mAP takes boxes and labels only (difficult objects count there)
+        # COCO mAP: crowd regions are ignored as COCO does; VOC difficult objects count there
         metrics["map"].update(
-            pixel_dets, [{"boxes": g["boxes"], "labels": g["labels"]} for g in pixel_gts]
+            pixel_dets,
+            [
+                {"boxes": g["boxes"], "labels": g["labels"], "iscrowd": g["iscrowd"].long()}
+                for g in pixel_gts
+            ],
         )
         if "voc" in metrics:
             metrics["voc"].update(pixel_dets, pixel_gts)

@@ -176,11 +176,15 @@ def describe_model(run_config: Mapping[str, Any] | DictConfig) -> str:
     return text
 
 
-def load_module(ckpt_path: str | os.PathLike, **overrides: Any) -> tuple[Any, DictConfig]:
+def load_module(
+    ckpt_path: str | os.PathLike, checkpoint: dict[str, Any] | None = None, **overrides: Any
+) -> tuple[Any, DictConfig]:
     """Build the module described by the checkpoint's run config and load its weights.
 
     Args:
         ckpt_path: a ``.ckpt`` written by ``python -m src.train``.
+        checkpoint: the file's content when already read (:func:`load_run_config`), so it is
+            not read twice.
         **overrides: keyword arguments passed to ``instantiate`` of the module (for example a
             different ``postprocess``).
 
@@ -190,7 +194,10 @@ def load_module(ckpt_path: str | os.PathLike, **overrides: Any) -> tuple[Any, Di
     Raises:
         FileNotFoundError, ValueError: see :func:`load_run_config`.
     """
-    run_config, checkpoint = load_run_config(ckpt_path)
+    if checkpoint is None:
+        run_config, checkpoint = load_run_config(ckpt_path)
+    else:
+        run_config = OmegaConf.create(checkpoint["run_config"])
     module = instantiate(model_config_for_loading(run_config), **overrides)
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["run_config"]

@@ -19,6 +19,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from src.data.voc import VOC_CLASSES, VOCDataset
 from src.metrics.voc_map import VOCMeanAveragePrecision, voc_ap, voc_box_iou
+from tests.conftest import shared_data
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 VOC_MINI = SHARED / "VOCdevkit-mini"
@@ -26,12 +27,8 @@ DETECTIONS = SHARED / "voc-mini-detections"
 
 
 def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(
-            f"test data {path.resolve()} is missing: these tests need the real VOC-mini data in "
-            "<repo>/../shared/data (VOCdevkit-mini/VOC2012 and voc-mini-detections)"
-        )
-    return path
+    """The real-data path, through the suite's one rule (skip on a fresh clone, fail in CI)."""
+    return shared_data(*path.relative_to(SHARED).parts)
 
 
 # --------------------------------------------------------------------------------------------

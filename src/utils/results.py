@@ -1,0 +1,94 @@
+"""Lightning callback that writes the detections of an evaluation as a COCO results file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from src.data.coco_results import coco_results, write_coco_results
+from src.models.ssd_module import to_pixels
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CocoResultsCallback"]
+
+
+class CocoResultsCallback(Callback):
+    """Collect every validation / test detection and write ``detections.json`` (COCO results).
+
+    Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in pixels of
+    the original image, with the dataset's own image ids (``target["coco_image_id"]``) and
+    category ids (``datamodule.category_ids``: a COCO JSON's original ids, ``1..C`` for other
+    formats), ready for ``pycocotools`` ``COCO.loadRes`` or an evaluation server. Under DDP the
+    ranks' entries are gathered and rank 0 writes the file.
+
+    Args:
+        path: the JSON file to write at the end of the evaluation epoch.
+        category_ids: label -> category id; default ``datamodule.category_ids`` (else ``1..C``).
+    """
+
+    def __init__(self, path: str | Path, category_ids: list[int] | None = None) -> None:
+        self.path = Path(path)
+        self.category_ids = category_ids
+        self.results: list[dict[str, Any]] = []
+        #: the file written by the last evaluation (``None`` before).
+        self.written: Path | None = None
+
+    def _lookup(self, trainer: Trainer, pl_module: LightningModule) -> list[int]:
+        if self.category_ids is not None:
+            return list(self.category_ids)
+        ids = getattr(trainer.datamodule, "category_ids", None) if trainer.datamodule else None
+        return list(ids) if ids else list(range(1, pl_module.net.num_classes + 1))
+
+    def _collect(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any
+    ) -> None:
+        _, targets = batch
+        if not isinstance(outputs, list):
+            return
+        ids = [int(t.get("coco_image_id", t.get("image_id", 0))) for t in targets]
+        self.results += coco_results(
+            to_pixels(outputs, targets), ids, self._lookup(trainer, pl_module)
+        )
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start a new list."""
+        self.results = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_batch_end(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if not trainer.sanity_checking:
+            self._collect(trainer, pl_module, outputs, batch)
+
+    def on_test_batch_end(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._collect(trainer, pl_module, outputs, batch)
+
+    def _write(self, trainer: Trainer) -> None:
+        results = self.results
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        if trainer.is_global_zero:
+            self.written = write_coco_results(self.path, results)
+            log.info("Wrote %d detections (COCO results format) to %s", len(results), self.path)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the file (not during the sanity check)."""
+        if not trainer.sanity_checking:
+            self._write(trainer)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the file."""
+        self._write(trainer)
