@@ -221,12 +221,13 @@ class BoxIoUTable(IoUTable):
                 y1, y2 = level.y.to(dtype)  # [H, K] each
                 w = (torch.minimum(g3[2], x2) - torch.maximum(g3[0], x1)).clamp_(min=0)
                 h = (torch.minimum(g3[3], y2) - torch.maximum(g3[1], y1)).clamp_(min=0)
-                block = inter[:, level.start : level.start + level.size]
-                torch.mul(
-                    w[:, None, :, :],
-                    h[:, :, None, :],
-                    out=block.view(rows, level.height, level.width, level.per_cell),
+                block = inter[:, level.start : level.start + level.size].view(
+                    rows, level.height, level.width, level.per_cell
                 )
+                # one product per anchor shape (K <= a few): an inner loop over the W columns
+                # is several times faster than one broadcast whose inner loop has K elements
+                for shape in range(level.per_cell):
+                    torch.mul(w[:, None, :, shape], h[:, :, None, shape], out=block[..., shape])
             tmp = torch.empty_like(inter)
         else:
             torch.minimum(gx2, ax2, out=inter)
