@@ -184,12 +184,23 @@ class SSDLitModule(LightningModule):
         return self.net(images)
 
     def model_step(self, batch: Batch):  # noqa: ANN201
-        """Forward, encode targets against the net's anchors, and compute the loss."""
+        """Forward, encode targets against the net's anchors, and compute the loss.
+
+        Under mixed precision (``trainer.precision=bf16-mixed``) only the network runs in
+        bfloat16: its outputs are cast to float32, and the target encoding and the loss run
+        in float32 outside autocast.
+        """
         images, targets = batch
         out = self(images)
-        with torch.no_grad():
-            encoded: MultiboxTargets = self.target_encoder(out.anchors, targets)
-        losses = self.loss_fn(out.cls_logits, out.box_deltas, encoded)
+        out = out._replace(
+            cls_logits=out.cls_logits.float(),
+            box_deltas=out.box_deltas.float(),
+            anchors=out.anchors.float(),
+        )
+        with torch.autocast(images.device.type, enabled=False):
+            with torch.no_grad():
+                encoded: MultiboxTargets = self.target_encoder(out.anchors, targets)
+            losses = self.loss_fn(out.cls_logits, out.box_deltas, encoded)
         return out, encoded, losses
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -237,7 +248,7 @@ class SSDLitModule(LightningModule):
         for name, metric in self.train_terms.items():
             values[f"train/{name}"] = metric.compute()
             metric.reset()
-        self.log_dict(values, prog_bar=True)
+        self.log_dict(values, prog_bar=False)
         metrics["book"].reset()
         metrics["loss"].reset()
 
@@ -248,7 +259,8 @@ class SSDLitModule(LightningModule):
         metrics["book"]["class_err"].update(out.cls_logits, encoded.cls_labels)
         metrics["book"]["bbox_mae"].update(out.box_deltas, encoded.box_offsets, encoded.pos_mask)
         metrics["loss"].update(losses.loss, images.shape[0])
-        detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
+        with torch.autocast(images.device.type, enabled=False):  # float32 decoding and NMS
+            detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
         pixel_dets = to_pixels(detections, targets)
         pixel_gts = to_pixels(
             [
@@ -292,7 +304,7 @@ class SSDLitModule(LightningModule):
         values[f"{stage}/mAP"] = maps["map"]
         values[f"{stage}/mAP_50"] = maps["map_50"]
         values[f"{stage}/mAP_75"] = maps["map_75"]
-        self.log_dict(values, prog_bar=True)
+        self.log_dict(values, prog_bar=False)
         if "voc" in metrics:
             voc = metrics["voc"]
             results = voc.compute()

@@ -1,0 +1,50 @@
+"""bf16 mixed precision on CPU and the automatic precision choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.train import train
+from src.utils.config import auto_precision, cpu_has_native_bf16
+from tests.conftest import compose_config, train_overrides
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "vgg16"])
+def test_bf16_mixed_training_step_on_cpu(
+    backbone: str, tmp_path: Path, banana_data_dir: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            tmp_path, banana_data_dir, f"backbone={backbone}", "trainer.precision=bf16-mixed",
+            "debug=fdr", "data.batch_size=2",
+        ),
+    )  # fmt: skip
+    seen: dict[str, torch.dtype] = {}
+    metrics, objects = train(cfg)
+    model = objects["model"]
+
+    def record(module: torch.nn.Module, inputs: object, output: object) -> None:
+        seen["logits"] = output.cls_logits.dtype
+
+    model.net.register_forward_hook(record)
+    images, targets = next(iter(objects["datamodule"].train_dataloader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, encoded, losses = model.model_step((images[:2], targets[:2]))
+    assert seen["logits"] == torch.bfloat16  # the network ran in bfloat16 ...
+    assert out.cls_logits.dtype == torch.float32  # ... the loss and targets in float32
+    assert losses.loss.dtype == torch.float32 and encoded.box_offsets.dtype == torch.float32
+    assert torch.isfinite(losses.loss)
+    assert objects["trainer"].precision == "bf16-mixed"
+    assert all(v == v for v in metrics.values())  # finite, not NaN
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    assert auto_precision("cpu") == expected
+    if not torch.cuda.is_available():
+        assert auto_precision("auto") == expected
+        assert auto_precision("gpu") == "32-true"
