@@ -104,8 +104,7 @@ class PostProcess:
                 "cls_logits must have shape [B, A, C+1] with at least one object class, got "
                 f"{list(cls_logits.shape)}"
             )
-        batch, num_anchors, num_cols = cls_logits.shape
-        num_classes = num_cols - 1
+        batch, num_anchors, _ = cls_logits.shape
         if box_deltas.shape != (batch, num_anchors, 4):
             raise ValueError(
                 f"box_deltas must have shape [B, A, 4] = {[batch, num_anchors, 4]}, got "
@@ -115,59 +114,79 @@ class PostProcess:
             raise ValueError(
                 f"anchors must have shape [A, 4] = {[num_anchors, 4]}, got {list(anchors.shape)}"
             )
-        device = cls_logits.device
         with torch.no_grad():
-            # Half/bfloat16 inputs are computed in float32; float64 stays float64.
-            dtype = torch.promote_types(cls_logits.dtype, torch.float32)
-            probs = torch.softmax(cls_logits.to(dtype), dim=-1)[..., 1:]  # [B, A, C]
-            boxes = self.coder.decode(box_deltas.to(dtype), anchors.to(dtype)).clamp(0.0, 1.0)
-
-            if self.class_agnostic:
-                scores, labels = probs.max(dim=-1)  # [B, A]
-                k = min(self.topk_candidates, num_anchors)
-                top_scores, anchor_idx = scores.topk(k, dim=1)  # [B, k]
-                top_labels = labels.gather(1, anchor_idx)
-                image_idx = torch.arange(batch, device=device)[:, None].expand(-1, k)
-            else:
-                k = min(self.topk_candidates, num_anchors)
-                top_scores, anchor_idx = probs.transpose(1, 2).topk(k, dim=2)  # [B, C, k]
-                top_labels = torch.arange(num_classes, device=device)[None, :, None].expand(
-                    batch, -1, k
-                )
-                image_idx = torch.arange(batch, device=device)[:, None, None].expand(
-                    -1, num_classes, k
-                )
-                anchor_idx = anchor_idx.reshape(batch, -1)
-                top_scores = top_scores.reshape(batch, -1)
-                top_labels = top_labels.reshape(batch, -1)
-                image_idx = image_idx.reshape(batch, -1)
-
-            keep = top_scores > self.score_threshold  # [B, K]
-            cand_scores = top_scores[keep]
-            cand_labels = top_labels[keep]
-            cand_images = image_idx[keep]
-            cand_boxes = boxes.gather(1, anchor_idx[..., None].expand(-1, -1, 4))[keep]
-            groups = cand_images if self.class_agnostic else cand_images * num_classes + cand_labels
-            kept = batched_nms(cand_boxes, cand_scores, groups, self.nms_threshold)
-            # `kept` is sorted by score (descending); regroup per image, stable in score order.
-            kept_images = cand_images[kept]
-            order = torch.sort(kept_images, stable=True).indices
-            kept = kept[order]
-            kept_images = kept_images[order]
-            counts = torch.bincount(kept_images, minlength=batch)
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(kept.numel(), device=device) - starts[kept_images]
-            sel = rank < self.detections_per_image
-            kept = kept[sel]
-            counts = counts.clamp(max=self.detections_per_image)
-
-        out_boxes = cand_boxes[kept].split(counts.tolist())
-        out_scores = cand_scores[kept].split(counts.tolist())
-        out_labels = cand_labels[kept].split(counts.tolist())
+            flat = self.flat(cls_logits, box_deltas, anchors)
+        counts = torch.bincount(flat[:, 0].long(), minlength=batch)
+        parts = flat.split(counts.tolist())
         return [
-            {"boxes": b, "scores": s, "labels": lab}
-            for b, s, lab in zip(out_boxes, out_scores, out_labels, strict=True)
+            {"boxes": part[:, 3:], "scores": part[:, 2], "labels": part[:, 1].long()}
+            for part in parts
         ]
+
+    def flat(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor) -> Tensor:
+        """The detections of a batch in one tensor, image by image (traceable for ONNX export).
+
+        Args:
+            cls_logits: ``Tensor[B, A, C+1]`` float logits, column 0 = background.
+            box_deltas: ``Tensor[B, A, 4]`` float offsets.
+            anchors: ``Tensor[A, 4]`` float, normalised xyxy.
+
+        Returns:
+            ``Tensor[N, 7]`` float rows ``(image, label, score, x1, y1, x2, y2)``: image index,
+            0-based class, class probability, normalised xyxy box clipped to ``[0, 1]``; sorted
+            by image, then by score (descending); at most ``detections_per_image`` per image.
+            ``__call__`` is this, split per image.
+
+        """
+        batch, num_anchors, num_cols = cls_logits.shape
+        num_classes = num_cols - 1
+        device = cls_logits.device
+        # Half/bfloat16 inputs are computed in float32; float64 stays float64.
+        dtype = torch.promote_types(cls_logits.dtype, torch.float32)
+        probs = torch.softmax(cls_logits.to(dtype), dim=-1)[..., 1:]  # [B, A, C]
+        boxes = self.coder.decode(box_deltas.to(dtype), anchors.to(dtype)).clamp(0.0, 1.0)
+
+        k = min(self.topk_candidates, num_anchors)
+        images = torch.arange(batch, device=device)
+        if self.class_agnostic:
+            scores, labels = probs.max(dim=-1)  # [B, A]
+            top_scores, anchor_idx = scores.topk(k, dim=1)  # [B, k]
+            top_labels = labels.gather(1, anchor_idx)
+            image_idx = images[:, None].expand(-1, k)
+        else:
+            top_scores, anchor_idx = probs.transpose(1, 2).topk(k, dim=2)  # [B, C, k]
+            classes = torch.arange(num_classes, device=device)
+            top_labels = classes[None, :, None].expand(batch, -1, k).reshape(batch, -1)
+            image_idx = images[:, None, None].expand(-1, num_classes, k).reshape(batch, -1)
+            anchor_idx = anchor_idx.reshape(batch, -1)
+            top_scores = top_scores.reshape(batch, -1)
+
+        keep = top_scores > self.score_threshold  # [B, K]
+        cand_scores = top_scores[keep]
+        cand_labels = top_labels[keep]
+        cand_images = image_idx[keep]
+        cand_boxes = boxes.gather(1, anchor_idx[..., None].expand(-1, -1, 4))[keep]
+        groups = cand_images if self.class_agnostic else cand_images * num_classes + cand_labels
+        kept = batched_nms(cand_boxes, cand_scores, groups, self.nms_threshold)
+        # `kept` is sorted by score (descending); regroup per image keeping that order (unique
+        # integer keys: no reliance on a stable sort), then keep the first ones of each image.
+        kept_images = cand_images[kept]
+        position = torch.arange(kept.shape[0], device=device)
+        order = (kept_images * kept.shape[0] + position).argsort()
+        kept, kept_images = kept[order], kept_images[order]
+        counts = (kept_images[:, None] == images[None, :]).sum(dim=0)  # [B]
+        starts = counts.cumsum(0) - counts
+        sel = position - starts[kept_images] < self.detections_per_image
+        kept, kept_images = kept[sel], kept_images[sel]
+        return torch.cat(
+            (
+                kept_images[:, None].to(dtype),
+                cand_labels[kept][:, None].to(dtype),
+                cand_scores[kept][:, None],
+                cand_boxes[kept],
+            ),
+            dim=1,
+        )
 
     def __repr__(self) -> str:
         return (
