@@ -1,0 +1,117 @@
+"""Inference speed (images/s) of the whole detector: eager PyTorch float32 and bf16, onnxruntime.
+
+The detector is ``src.export.Detector`` (network + decoding + per-class NMS, what
+``python -m src.export`` writes) built from the training config with random weights (speed does
+not depend on them; the score threshold is raised to 0.3 so that NMS sees a realistic few
+candidates): ``--model tiny`` (the book's TinySSD, 256x256, 1 class) or ``--model ssd300``
+(VGG16 SSD300, 20 classes). Each engine runs batch 1 and batch 8; rounds alternate between the
+engines; medians are printed.
+
+    python benchmarks/inference.py --model ssd300
+    python benchmarks/inference.py --model tiny --batches 1,8,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from src.export import Detector, export_onnx  # noqa: E402
+
+
+def build_module(model: str):  # noqa: ANN201
+    """A randomly initialised ``SSDLitModule`` for ``tiny`` (1 class) or ``ssd300`` (20)."""
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    if model == "tiny":
+        overrides, names = ["model.net.num_classes=1"], ["banana"]
+    else:
+        names = [f"class{i}" for i in range(20)]
+        overrides = [
+            "experiment=voc_ssd300",
+            "backbone.pretrained=null",
+            "model.net.num_classes=20",
+        ]
+    overrides += ["paths.output_dir=/tmp/bench", "model.postprocess.score_threshold=0.3"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=overrides)
+    torch.manual_seed(0)
+    return instantiate(cfg.model, class_names=names).eval(), names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "ssd300"], default="ssd300")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per engine per round")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    module, names = build_module(args.model)
+    detector = Detector(module).eval()
+    height, width = (int(v) for v in module.net.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(module, Path(tmp) / "model.onnx", names)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def eager(images: torch.Tensor, bf16: bool) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return detector(images)
+
+        return run
+
+    results: dict[tuple[str, int], list[float]] = {}
+    for batch in map(int, args.batches.split(",")):
+        images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+        feed = {"images": images.numpy()}
+        engines = {
+            "eager float32": eager(images, False),
+            "eager bf16 autocast": eager(images, True),
+            "onnxruntime": lambda feed=feed: session.run(None, feed),
+        }
+        for _ in range(args.rounds):
+            for name, fn in engines.items():
+                fn()  # warm-up
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    results.setdefault((name, batch), []).append(time.perf_counter() - t0)
+
+    print(
+        f"cpu: {platform.processor() or platform.machine()}; cpus: {os.cpu_count()}; "
+        f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}; "
+        f"onnxruntime {ort.__version__}"
+    )
+    print(
+        f"model {args.model} ({height}x{width}, network + decoding + NMS); {args.rounds} "
+        f"alternating rounds x {args.repeats} calls"
+    )
+    for (name, batch), times in results.items():
+        median = statistics.median(times)
+        print(
+            f"{name:<20} batch {batch:>3}: median {median * 1e3:8.1f} ms  "
+            f"{batch / median:8.1f} images/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
