@@ -101,3 +101,24 @@ def test_one_box_coder_shared_and_metrics_keyed_by_stage(tmp_path: Path) -> None
     assert set(module.metrics_of("val")) == {"book", "loss", "map", "voc"}
     assert set(module.metrics_of("train")) == {"book", "loss"}
     assert module.metrics_of("val") is not module.metrics_of("test")
+
+
+def test_warmup_cosine_factors_and_total_steps_from_the_trainer() -> None:
+    import math
+
+    from src.utils.schedulers import warmup_cosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=12, warmup_steps=2, warmup_factor=0.1, min_factor=0.0)
+    factors = []
+    for _ in range(12):
+        factors.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert factors[0] == pytest.approx(0.1) and factors[1] == pytest.approx(0.55)
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_cosine(opt, total_steps=5, warmup_steps=-1)
+    short = warmup_cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1, 100)
+    assert short.get_last_lr() == [pytest.approx(1.0)]  # one step: no room for a warm-up

@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger(__name__)
 
-AUGMENTATIONS: tuple[str, ...] = ("none", "ssd")
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "ssd")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 # target keys holding one entry per box, filtered together with the boxes
 PER_BOX_KEYS: tuple[str, ...] = ("labels", "difficult", "iscrowd")
@@ -222,6 +222,8 @@ def build_transforms(
             RandomIoUCrop (skipped when the image has no boxes) -> RandomHorizontalFlip ->
             Resize -> ClampBoundingBoxes -> SanitizeBoundingBoxes`` (drops degenerate boxes and
             the matching ``labels`` / ``difficult`` entries), then float conversion.
+            ``"flip"``: ``RandomHorizontalFlip -> Resize`` only (cheap, keeps every box; the
+            default banana recipe).
         fill: zoom-out canvas colour as RGB in ``[0, 1]`` (the dataset mean); it is scaled to
             ``[0, 255]`` for uint8 images.
 
@@ -242,6 +244,10 @@ def build_transforms(
     if not train or augment == "none":
         return DetectionTransform(train, "none", size, v2.Compose([resize]))
 
+    if augment == "flip":
+        return DetectionTransform(
+            train, augment, size, v2.Compose([v2.RandomHorizontalFlip(p=0.5), resize])
+        )
     steps = v2.Compose(
         [
             v2.RandomPhotometricDistort(p=0.5),

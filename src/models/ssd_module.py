@@ -6,6 +6,7 @@ arrives built from the Hydra config; this module only wires the steps, metrics a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -337,7 +338,13 @@ class SSDLitModule(LightningModule):
         optimizer = self.optimizer_factory(params=self.trainer.model.parameters())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        kwargs: dict[str, Any] = {"optimizer": optimizer}
+        bound = getattr(self.scheduler_factory, "keywords", {}) or {}
+        takes = inspect.signature(self.scheduler_factory).parameters
+        if "total_steps" in takes and "total_steps" not in bound:
+            # schedules over the whole run (warmup_cosine, OneCycleLR) get its length
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(**kwargs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {

@@ -116,7 +116,7 @@ def test_flip_maps_x_to_one_minus_x() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"augment": "foo"}, "data.augment must be one of none, ssd; got 'foo'"),
+        ({"augment": "foo"}, "data.augment must be one of none, flip, ssd; got 'foo'"),
         ({"image_size": 0}, "image_size must be positive"),
         ({"image_size": [1, 2, 3]}, "image_size must be an int"),
         ({"fill": (0.5, 0.5)}, "fill must be 3 values"),
@@ -288,3 +288,24 @@ def test_detection_collate_errors() -> None:
     ]
     with pytest.raises(ValueError, match="different shapes.*data.image_size"):
         detection_collate(batch)
+
+
+def test_flip_augmentation_keeps_every_box_and_mirrors_x() -> None:
+    from torchvision import tv_tensors
+
+    from src.data.transforms import build_transforms
+
+    image = tv_tensors.Image(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[2.0, 4.0, 10.0, 20.0]]), format="XYXY", canvas_size=(32, 32)
+    )
+    target = {"boxes": boxes, "labels": torch.tensor([0])}
+    transform = build_transforms(train=True, image_size=32, augment="flip")
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(20):
+        _, out = transform(image, dict(target))
+        assert out["labels"].tolist() == [0]
+        seen.add(tuple(round(v, 4) for v in out["boxes"].reshape(-1).tolist()))
+    # normalised xyxy: the box itself and its mirror image (x -> 1 - x)
+    assert seen == {(0.0625, 0.125, 0.3125, 0.625), (0.6875, 0.125, 0.9375, 0.625)}
