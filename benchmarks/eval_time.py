@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.voc_mini_map import read_detections  # noqa: E402
-from src.data.voc import VOC_CLASSES, VOCDataset  # noqa: E402
+from benchmarks.voc_mini_map import load_voc_mini  # noqa: E402
+from src.data.voc import VOC_CLASSES  # noqa: E402
 from src.metrics import DetectionMeanAveragePrecision, VOCMeanAveragePrecision  # noqa: E402
 
 
@@ -42,14 +42,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    dataset = VOCDataset(
-        args.data / "VOCdevkit-mini", image_sets=[[2012, "trainval"]], keep_difficult=True
-    )
-    base_t = [dataset.pixel_target(i) for i in range(len(dataset))]
-    base_p = [
-        read_detections(args.data / "voc-mini-detections" / f"{r.image_id}.txt")
-        for r in dataset.records
-    ]
+    base_t, base_p = load_voc_mini(args.data)
     reps = -(-args.images // len(base_t))
     targets = [
         {"boxes": t["boxes"], "labels": t["labels"], "difficult": t["difficult"]}

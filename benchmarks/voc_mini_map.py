@@ -32,18 +32,23 @@ def read_detections(path: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def load_voc_mini(data: Path) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
+    """VOC-mini trainval ground truth (pixels, difficult flags) and its real detections."""
+    dataset = VOCDataset(
+        data / "VOCdevkit-mini", image_sets=[[2012, "trainval"]], keep_difficult=True
+    )
+    targets = [dataset.pixel_target(i) for i in range(len(dataset))]
+    preds = [
+        read_detections(data / "voc-mini-detections" / f"{r.image_id}.txt") for r in dataset.records
+    ]
+    return targets, preds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     args = parser.parse_args()
-    dataset = VOCDataset(
-        args.data / "VOCdevkit-mini", image_sets=[[2012, "trainval"]], keep_difficult=True
-    )
-    targets = [dataset.pixel_target(i) for i in range(len(dataset))]
-    preds = [
-        read_detections(args.data / "voc-mini-detections" / f"{r.image_id}.txt")
-        for r in dataset.records
-    ]
+    targets, preds = load_voc_mini(args.data)
     results = {}
     for name, use07 in (("VOC07 11-point", True), ("VOC area (2010+)", False)):
         metric = VOCMeanAveragePrecision(use_07_metric=use07, class_names=VOC_CLASSES)
@@ -59,7 +64,7 @@ def main() -> None:
     )
     coco_map = float(coco.compute()["map_50"])
     num_objects = sum(len(t["labels"]) for t in targets)
-    print(f"VOC-mini trainval: {len(dataset)} images, {num_objects} objects")
+    print(f"VOC-mini trainval: {len(targets)} images, {num_objects} objects")
     print("| class | VOC07 AP | area AP |")
     print("| --- | ---: | ---: |")
     a07, aar = (

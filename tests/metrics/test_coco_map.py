@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.voc_mini_map import read_detections
-from src.data.voc import VOCDataset
+from benchmarks.voc_mini_map import load_voc_mini
 from src.metrics import DetectionMeanAveragePrecision
 from src.metrics.coco_map import default_backend
 from tests.conftest import shared_data
 
 
 def test_faster_coco_eval_equals_pycocotools_on_voc_mini() -> None:
-    root = shared_data("VOCdevkit-mini")
-    dets = shared_data("voc-mini-detections")
-    dataset = VOCDataset(root, image_sets=[[2012, "trainval"]], keep_difficult=True)
-    targets = [dataset.pixel_target(i) for i in range(len(dataset))]
+    shared_data("voc-mini-detections")
+    targets, preds = load_voc_mini(shared_data())
     targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    preds = [read_detections(dets / f"{r.image_id}.txt") for r in dataset.records]
     assert default_backend() == "faster_coco_eval"  # a default dependency
     results = {}
     for backend in ("pycocotools", "faster_coco_eval"):
