@@ -1,7 +1,10 @@
 """Evaluation entry point: ``python -m src.eval ckpt_path=PATH [split=val|test]``.
 
 Writes, in the run folder, ``detections.json`` (every detection in the COCO results format:
-original image and category ids, ``[x, y, w, h]`` pixels) and ``per_class_ap_<split>.md``.
+original image and category ids, ``[x, y, w, h]`` pixels) and ``per_class_ap_<split>.md``. The
+loggers get the metrics as ``eval/<name>`` (``eval/mAP_50``, ...) at the checkpoint's global step,
+so they line up with the training curves; TensorBoard's Text tab gets the checkpoint, the split
+and the per-class table (``eval/per_class_AP50``).
 
 The network is rebuilt from the config stored in the checkpoint, so no training overrides need to
 be repeated; the data come from the checkpoint too unless a ``data`` group is selected.
@@ -10,6 +13,7 @@ be repeated; the data come from the checkpoint too unless a ``data`` group is se
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from src.utils.checkpoint import (
     load_run_config,
 )
 from src.utils.config import set_project_root
+from src.utils.hparams import per_class_table
 from src.utils.instantiate import instantiate_loggers
 from src.utils.results import CocoResultsCallback
 
@@ -110,12 +115,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"))
     out_dir = Path(cfg.paths.output_dir)
     writer = CocoResultsCallback(out_dir / "detections.json")
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[writer])
+    # the loggers get eval/<name> at the checkpoint's step (below), not the module's val/* at 0
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer])
     run = trainer.validate if cfg.split == "val" else trainer.test
     results = run(model=model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     for name, value in sorted(metrics.items()):
         log.info("%-20s %.6f", name, value)
+    step = int(checkpoint.get("global_step") or 0)
+    log_eval_metrics(loggers, metrics, step, cfg, checkpoint)
     objects: dict[str, Any] = {
         "model": model,
         "datamodule": datamodule,
@@ -133,20 +141,44 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         objects["per_class_table_path"] = table_path
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(f"{cfg.split}/per_class_AP50", table, 0)
+                logger.experiment.add_text("eval/per_class_AP50", table, step)
                 logger.experiment.flush()
         objects["per_class_table"] = table
     return metrics, objects
 
 
-def per_class_table(names: list[str], aps: list[float], mean_ap: float) -> str:
-    """A Markdown table of per-class AP (nan: no non-difficult ground truth) and the mean."""
-    rows = ["| class | AP@0.5 |", "| --- | ---: |"]
-    rows += [
-        f"| {n} | {'n/a' if ap != ap else f'{ap:.4f}'} |" for n, ap in zip(names, aps, strict=True)
-    ]
-    rows.append(f"| **mean** | **{mean_ap:.4f}** |")
-    return "\n".join(rows)
+def log_eval_metrics(
+    loggers: list[Any],
+    metrics: dict[str, float],
+    step: int,
+    cfg: DictConfig,
+    checkpoint: dict[str, Any],
+) -> dict[str, float]:
+    """Log ``<split>/<name>`` metrics as ``eval/<name>`` at the checkpoint's global ``step``.
+
+    Non-finite values are left out. TensorBoard also gets a note (``eval/run``) naming the
+    checkpoint, its epoch and step, and the split.
+
+    Returns:
+        The logged ``{eval/<name>: value}``.
+    """
+    prefix = f"{cfg.split}/"
+    logged = {
+        "eval/" + k[len(prefix) :]: v
+        for k, v in metrics.items()
+        if k.startswith(prefix) and math.isfinite(v)
+    }
+    note = (
+        f"ckpt_path=`{cfg.ckpt_path}` (epoch {checkpoint.get('epoch')}, global step {step}), "
+        f"split={cfg.split}"
+    )
+    for logger in loggers:
+        if logged:
+            logger.log_metrics(logged, step=step)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("eval/run", note, step)
+        logger.save()
+    return logged
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")

@@ -7,6 +7,7 @@ by ``hydra.compose``. It returns the metrics (so sweepers can optimise them) and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -14,17 +15,19 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_run_config
 from src.utils.config import check_group_keys, config_to_container, set_project_root
+from src.utils.console import StartSummaryCallback, end_summary, task_overrides
 from src.utils.faults import (
     DivergedError,
     InterruptCallback,
     RunInterruptedError,
     write_status,
 )
-from src.utils.hparams import HParamsCallback, flatten_config
+from src.utils.hparams import HParamsCallback, user_hparams
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 
 log = logging.getLogger(__name__)
@@ -32,16 +35,14 @@ log = logging.getLogger(__name__)
 set_project_root()
 
 
-def _user_hparams(container: dict[str, Any]) -> dict[str, Any]:
-    """The hyper-parameters a user compares runs by: everything but paths, hydra and wiring."""
-    skip = {"paths", "hydra", "callbacks", "logger", "extras"}
-    flat = flatten_config({k: v for k, v in container.items() if k not in skip})
-    derived = ("model.net.", "model.loss")  # interpolated copies of backbone / loss / mining
-    return {
-        k: v
-        for k, v in flat.items()
-        if ".module." not in k and not k.endswith("_target_") and not k.startswith(derived)
-    }
+def _write_config(container: dict[str, Any], run_dir: str) -> str | None:
+    """Write the resolved run config to ``<run>/config.yaml`` (rank 0); return its path."""
+    if rank_zero_only.rank != 0:
+        return None
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    return str(path)
 
 
 def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
@@ -124,7 +125,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     Returns:
         ``(metrics, objects)``: final logged metrics as floats, and the built ``cfg``,
-        ``datamodule``, ``model``, ``trainer``, ``callbacks`` and ``loggers``.
+        ``datamodule``, ``model``, ``trainer``, ``callbacks`` and ``loggers``, with
+        ``summary`` (the end-of-run summary logged on rank 0, see
+        :func:`src.utils.console.end_summary`). The resolved config is written to
+        ``<run>/config.yaml``.
 
     Raises:
         DivergedError: the loss or the weights became non-finite (nothing non-finite is saved).
@@ -134,26 +138,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     check_group_keys(cfg)
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    log.debug("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     fill_from_datamodule(cfg, datamodule)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         check_resume(cfg, str(ckpt_path))
 
-    log.info("Instantiating model <%s>", cfg.model._target_)
+    log.debug("Instantiating model <%s>", cfg.model._target_)
     model = instantiate(cfg.model)
     container = config_to_container(cfg)
     model.run_config = container
+    run_dir = str(cfg.paths.output_dir)
+    config_path = _write_config(container, run_dir)
+    overrides = task_overrides(run_dir)
 
     callbacks: list[Callback] = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(StartSummaryCallback(overrides, run_dir, config_path))
     loggers = instantiate_loggers(cfg.get("logger"))
     if loggers:
-        callbacks.append(HParamsCallback(_user_hparams(container)))
+        callbacks.append(HParamsCallback(user_hparams(container, overrides), overrides))
 
-    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    log.debug("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     objects = {
@@ -166,7 +174,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     }
 
     if cfg.get("train", True):
-        log.info("Starting training")
+        log.debug("Starting training")
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except (SystemExit, KeyboardInterrupt) as err:
@@ -187,6 +195,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
+    if trainer.is_global_zero:
+        objects["summary"] = end_summary(run_dir, callbacks, metrics)
+        log.info("Run summary:\n%s", objects["summary"])
     return metrics, objects
 
 
@@ -198,7 +209,6 @@ def main(cfg: DictConfig) -> float | None:
     failed run raises (Hydra exits with status 1 and a multirun records the job as failed); a
     run stopped by SIGTERM or SIGINT exits with 143 or 130 after saving ``last.ckpt``.
     """
-    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
     run_dir = cfg.paths.output_dir
     try:
         metrics, _ = train(cfg)

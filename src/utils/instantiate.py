@@ -22,7 +22,7 @@ def _instantiate_group(cfg: DictConfig | None, kind: str) -> list:
         raise TypeError(f"the {kind} config must be a mapping of name -> {{_target_: ...}}")
     for name, conf in cfg.items():
         if isinstance(conf, DictConfig) and "_target_" in conf:
-            log.info("Instantiating %s <%s>", kind, conf._target_)
+            log.debug("Instantiating %s <%s>", kind, conf._target_)
             objects.append(instantiate(conf))
         elif conf is not None:
             raise ValueError(f"{kind} '{name}' has no _target_; give one or set it to null")
