@@ -38,8 +38,9 @@ format: $(STAMP) ## Format and auto-fix with ruff
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-tensorboard: $(STAMP) ## Open TensorBoard on outputs/
-	$(VENV)/bin/tensorboard --logdir outputs
+LOGDIR ?= outputs
+tensorboard: $(STAMP) ## Open TensorBoard on outputs/ (one run: make tensorboard LOGDIR=<run folder>)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean: ## Remove runs, logs and caches (keeps .venv and data/)
 	rm -rf outputs/* .pytest_cache .ruff_cache
