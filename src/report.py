@@ -7,9 +7,19 @@ parameter for ``hparams_search=banana_optuna``). The final value of each metric 
 logged to TensorBoard (largest step, then latest write). Three files are written into the sweep
 dir (or ``--out``):
 
-* ``report.md``: a Markdown table, one row per run, the swept values and the final metrics;
-* ``report.csv``: the same table (empty cells for missing values);
-* ``report.png``: each metric against each swept value.
+* ``report.md``: a Markdown table, one row per run, the swept values and the final metrics, the
+  best run (by ``--best``, default the largest ``val/mAP_50``) marked; when the runs differ in
+  ``seed`` as well (``-m seed=1,2,3 loss.sigma=0.5,1,10``), a second table with the mean and the
+  sample standard deviation (``n - 1``) of each metric over the seeds of each setting;
+* ``report.csv``: the per-run table (empty cells for missing values), and
+  ``report_mean_std.csv`` with the seed aggregates;
+* ``report.png`` / ``report.pdf``: each metric against each swept value (mean with a standard
+  deviation error bar over seeds, values written next to the points; points are not joined; a
+  log axis for a parameter searched on a log scale; the y axis starts at 0 for non-negative
+  metrics so that tiny differences do not look steep), and one half-page-wide figure per metric
+  under ``figures/`` (PNG + PDF, fonts of at least 8 pt at 3.4 inches wide);
+* for an Optuna search (``optuna.db`` in the sweep dir): Optuna's optimization-history and
+  parameter-importance plots, ``optuna_history.png`` / ``optuna_importance.png`` (+ PDF).
 
 Runs without events (crashed, ``fast_dev_run``, or no TensorBoard logger) are listed with their
 metrics marked ``missing``; they do not stop the report. For an Optuna search
@@ -47,6 +57,7 @@ __all__ = [
     "collect",
     "write_report",
     "make_report",
+    "metric_figure",
     "trial_status",
     "main",
 ]
@@ -62,6 +73,8 @@ DEFAULT_METRICS: tuple[str, ...] = (
 )
 
 MISSING = "missing"
+#: the key whose values are aggregated into mean and standard deviation.
+SEED_KEY = "seed"
 #: per-trial overrides of the Optuna sweeper (``src.search.TRIAL_NODE``), never swept keys.
 TRIAL_PREFIX = "optuna_trial."
 
@@ -107,6 +120,62 @@ class Report:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     files: dict[str, Path] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    log_keys: set[str] = field(default_factory=set)
+    best_metric: str = "val/mAP_50"
+    best_mode: str = "max"
+
+    @property
+    def group_keys(self) -> list[str]:
+        """The swept keys other than ``seed``: the settings compared."""
+        return [k for k in self.swept_keys if k != SEED_KEY]
+
+    @property
+    def seeded(self) -> bool:
+        """True when runs differ in ``seed``: metrics are aggregated over seeds."""
+        return SEED_KEY in self.swept_keys
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Runs that differ only in ``seed``, aggregated.
+
+        Returns:
+            One dict per setting, in first-seen order: the group keys' values, ``n`` (runs with
+            the metric), ``seeds``, and per metric ``<metric>`` (mean over the runs that logged
+            it, NaN if none) and ``<metric> std`` (sample standard deviation, ``n - 1`` in the
+            denominator; NaN for fewer than 2 values).
+        """
+        order: list[tuple[Any, ...]] = []
+        members: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for row in self.rows():
+            key = tuple(row[k] for k in self.group_keys)
+            if key not in members:
+                order.append(key)
+                members[key] = []
+            members[key].append(row)
+        groups = []
+        for key in order:
+            rows = members[key]
+            group: dict[str, Any] = dict(zip(self.group_keys, key, strict=True))
+            group["seeds"] = [r.get(SEED_KEY) for r in rows]
+            group["n"] = len(rows)
+            for metric in self.metrics:
+                values = [float(r[metric]) for r in rows if math.isfinite(float(r[metric]))]
+                group[metric] = sum(values) / len(values) if values else math.nan
+                group[f"{metric} std"] = _sample_std(values)
+                group[f"{metric} n"] = len(values)
+            groups.append(group)
+        return groups
+
+    def best_index(self, rows: list[dict[str, Any]]) -> int | None:
+        """Index of the best row by :attr:`best_metric` (``max`` or ``min``), if any is finite."""
+        scored = [
+            (float(r[self.best_metric]), i)
+            for i, r in enumerate(rows)
+            if self.best_metric in r and math.isfinite(float(r[self.best_metric]))
+        ]
+        if not scored:
+            return None
+        pick = max if self.best_mode == "max" else min
+        return pick(scored, key=lambda item: (item[0], -item[1]))[1]
 
     @property
     def missing(self) -> list[RunResult]:
@@ -125,6 +194,14 @@ class Report:
             row["status"] = run.status
             rows.append(row)
         return rows
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (``n - 1``); NaN for fewer than 2 values."""
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -283,7 +360,39 @@ def collect(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> 
         best = yaml.safe_load(results.read_text()) or {}
         _apply_trial_states(runs, best.get("trials") or [])
     keys = [k for k in swept_keys([r.overrides for r in runs]) if not k.startswith(TRIAL_PREFIX)]
-    return Report(root, runs, keys, tuple(metrics), best=best)
+    return Report(root, runs, keys, tuple(metrics), best=best, log_keys=_log_scale_keys(root))
+
+
+def _load_study(sweep_dir: Path) -> Any | None:
+    """The Optuna study in ``<sweep_dir>/optuna.db``, or None (no file, or Optuna missing)."""
+    db = sweep_dir / "optuna.db"
+    if not db.is_file():
+        return None
+    try:
+        import optuna
+    except ImportError:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    names = optuna.get_all_study_names(storage=storage)
+    if not names:
+        return None
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
+def _log_scale_keys(sweep_dir: Path) -> set[str]:
+    """Parameters an Optuna study in the sweep dir searched on a log scale."""
+    try:
+        study = _load_study(sweep_dir)
+    except Exception as err:  # noqa: BLE001 - a broken study must not stop the report
+        log.warning("cannot read %s: %s", sweep_dir / "optuna.db", err)
+        return set()
+    if study is None:
+        return set()
+    keys: set[str] = set()
+    for trial in study.get_trials(deepcopy=False):
+        keys |= {k for k, d in trial.distributions.items() if getattr(d, "log", False)}
+    return keys
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -350,22 +459,67 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _table_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 def _markdown(report: Report) -> str:
     keys = report.swept_keys
     header = ["run", *keys, *report.metrics, "status"]
+    rows = report.rows()
+    best = report.best_index(rows)
     lines = [
         f"# Sweep report: {report.sweep_dir}",
         "",
         f"{len(report.runs)} runs; swept: "
         + (", ".join(f"`{k}`" for k in keys) if keys else "nothing (all runs alike)")
-        + ". Metrics: the last value logged to TensorBoard.",
+        + ". Metrics: the last value logged to TensorBoard."
+        + (
+            f" **best** marks the run with the "
+            f"{'largest' if report.best_mode == 'max' else 'smallest'} `{report.best_metric}`."
+            if best is not None
+            else ""
+        ),
         "",
-        "| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+        _table_line(header),
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
     ]
-    for row in report.rows():
+    for i, row in enumerate(rows):
         cells = [_fmt(row[h]) for h in header]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if i == best:
+            cells[0] = f"**{cells[0]}** best"
+        lines.append(_table_line(cells))
+    if report.seeded:
+        groups = report.groups()
+        top = report.best_index(groups)
+        gkeys = report.group_keys
+        lines += [
+            "",
+            f"## Mean ± standard deviation over seeds ({SEED_KEY} = "
+            + ", ".join(str(s) for s in groups[0]["seeds"])
+            + " in the first setting; sample std, n - 1)",
+            "",
+            _table_line([*gkeys, "n", *report.metrics])
+            if gkeys
+            else _table_line(["n", *report.metrics]),
+            "|"
+            + "|".join(
+                "---" if i < len(gkeys) else "---:"
+                for i in range(len(gkeys) + 1 + len(report.metrics))
+            )
+            + "|",
+        ]
+        for i, group in enumerate(groups):
+            cells = [_fmt(group[k]) for k in gkeys] + [str(group["n"])]
+            for metric in report.metrics:
+                mean, std = group[metric], group[f"{metric} std"]
+                text = MISSING if math.isnan(mean) else f"{mean:.4g}"
+                if not math.isnan(std):
+                    text += f" ± {std:.2g}"
+                cells.append(text)
+            if i == top:
+                cells[0] = f"**{cells[0]}** best"
+            lines.append(_table_line(cells))
     missing = report.missing
     if missing:
         lines += ["", "Runs with missing metrics:", ""]
@@ -381,6 +535,21 @@ def _markdown(report: Report) -> str:
         lines += ["", "Optuna (`optimization_results.yaml`):", "", "```yaml"]
         lines += [yaml.safe_dump(summary, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _write_mean_std_csv(report: Report, path: Path) -> None:
+    header = [*report.group_keys, "n"]
+    for metric in report.metrics:
+        header += [f"{metric} mean", f"{metric} std"]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for group in report.groups():
+            cells = [str(group[k]) for k in report.group_keys] + [str(group["n"])]
+            for metric in report.metrics:
+                for value in (group[metric], group[f"{metric} std"]):
+                    cells.append("" if math.isnan(value) else repr(float(value)))
+            writer.writerow(cells)
 
 
 def _write_csv(report: Report, path: Path) -> None:
@@ -401,7 +570,7 @@ def _write_csv(report: Report, path: Path) -> None:
 
 def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
     """X positions of the values, and tick labels when they are not all numbers."""
-    if all(isinstance(v, int | float) for v in values):
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return [float(v) for v in values], None
     labels: list[str] = []
     for v in values:
@@ -410,61 +579,180 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
     return [float(labels.index(str(v))) for v in values], labels
 
 
-def _plot(report: Report, path: Path) -> None:
+def _series(report: Report, key: str, metric: str) -> dict[str, Any]:
+    """The points of one panel: x values, means, standard deviations (NaN: one run), labels."""
+    items = report.groups() if report.seeded else report.rows()
+    raw = [item["run"] if key == "run" else item.get(key) for item in items]
+    xs, labels = _axis_values(raw)
+    ys = [float(item[metric]) for item in items]
+    errs = [float(item.get(f"{metric} std", math.nan)) for item in items]
+    keep = [i for i, y in enumerate(ys) if math.isfinite(y)]
+    return {
+        "x": [xs[i] for i in keep],
+        "y": [ys[i] for i in keep],
+        "err": [errs[i] for i in keep],
+        "labels": labels,
+        "log": key in report.log_keys
+        or (labels is None and bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20),
+    }
+
+
+def _draw_panel(ax: Any, report: Report, key: str, metric: str) -> None:
+    """One metric against one swept key: points with error bars and their values, not joined."""
+    data = _series(report, key, metric)
+    xs, ys, errs = data["x"], data["y"], data["err"]
+    if not xs:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    else:
+        bars = [0.0 if math.isnan(e) else e for e in errs]
+        ax.errorbar(xs, ys, yerr=bars, fmt="o", capsize=3, elinewidth=1.2, markersize=5)
+        for x, y, e in zip(xs, ys, errs, strict=True):
+            text = f"{y:.3g}" if math.isnan(e) else f"{y:.3g}±{e:.1g}"
+            ax.annotate(
+                text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8, clip_on=False
+            )
+        low = min(y - b for y, b in zip(ys, bars, strict=True))
+        high = max(y + b for y, b in zip(ys, bars, strict=True))
+        if low >= 0:  # non-negative metric: from 0, so that tiny differences look tiny
+            ax.set_ylim(0, high * 1.25 if high > 0 else 1.0)
+    if data["labels"] is not None:
+        ax.set_xticks(range(len(data["labels"])), data["labels"], rotation=20, ha="right")
+        ax.set_xlim(-0.5, len(data["labels"]) - 0.5)
+    else:
+        if data["log"]:
+            ax.set_xscale("log")
+        elif len(xs) == 1:
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
+        if 0 < len(set(xs)) <= 8:  # ticks at the swept values themselves
+            ticks = sorted(set(xs))
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel(key + (" (log scale)" if data["log"] and data["labels"] is None else ""))
+    seeds = " (mean ± std over seeds)" if report.seeded else ""
+    ax.set_ylabel(metric + ("\n" + seeds.strip(" ()") if seeds else ""))
+    ax.margins(x=0.15)
+
+
+def metric_figure(report: Report, metric: str, key: str) -> Any:
+    """One metric against one swept key, half a page wide (3.4 in): a matplotlib ``Figure``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = report.rows()
-    keys = report.swept_keys or ["run"]
-    metrics = report.metrics
+    from src.viz.style import HALF_PAGE_WIDTH_IN, paper_style
+
+    with paper_style():
+        fig = Figure(figsize=(HALF_PAGE_WIDTH_IN, 2.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        _draw_panel(fig.subplots(), report, key, metric)
+    return fig
+
+
+def _panels(report: Report) -> list[tuple[str, str]]:
+    keys = report.group_keys or ["run"]
+    return [(m, k) for m in report.metrics for k in keys]
+
+
+def _plot(report: Report, path: Path) -> dict[str, Path]:
+    """The overview figure (``report.png`` + ``.pdf``) and one half-page figure per panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from src.viz.style import paper_style, save_figure
+
+    panels = _panels(report)
+    keys = report.group_keys or ["run"]
     if len(keys) == 1:
-        ncols = min(3, len(metrics))
-        nrows = math.ceil(len(metrics) / ncols)
-        cells = [(m, keys[0], divmod(i, ncols)) for i, m in enumerate(metrics)]
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        cells = [(m, k, divmod(i, ncols)) for i, (m, k) in enumerate(panels)]
     else:
-        ncols, nrows = len(keys), len(metrics)
-        cells = [(m, k, (i, j)) for i, m in enumerate(metrics) for j, k in enumerate(keys)]
-    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(cells) :]:
-        ax.set_visible(False)
-    for metric, key, (i, j) in cells:
-        ax = axes[i][j]
-        raw = [row[key] if key != "run" else row["run"] for row in rows]
-        xs, labels = _axis_values(raw)
-        ys = [float(row[metric]) for row in rows]
-        points = sorted((x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y))
-        if points:
-            px, py = zip(*points, strict=True)
-            style = "o-" if len(keys) == 1 else "o"
-            ax.plot(px, py, style)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        if labels is not None:
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
-            ax.set_xscale("log")
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_xlabel(key)
-        ax.set_title(metric)
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{report.sweep_dir.name}: final metrics vs {', '.join(keys)}")
-    fig.savefig(path, dpi=100)
+        ncols, nrows = len(keys), len(report.metrics)
+        cells = [(m, k, (i, j)) for i, m in enumerate(report.metrics) for j, k in enumerate(keys)]
+    files: dict[str, Path] = {}
+    with paper_style():
+        fig = Figure(figsize=(3.4 * ncols, 2.7 * nrows), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(cells) :]:
+            ax.set_visible(False)
+        for metric, key, (i, j) in cells:
+            _draw_panel(axes[i][j], report, key, metric)
+        fig.suptitle(f"{report.sweep_dir.name}: final metrics vs {', '.join(keys)}")
+        written = save_figure(fig, path, dpi=150)
+        files["png"], files["pdf"] = written["png"], written["pdf"]
+        for metric, key in panels:
+            single = metric_figure(report, metric, key)
+            stem = f"{metric}_vs_{key}".replace("/", "_")
+            out = save_figure(single, path.parent / "figures" / f"{stem}.png", dpi=300)
+            files[f"figure:{stem}"] = out["png"]
+    return files
+
+
+def _optuna_plots(report: Report, out: Path) -> dict[str, Path]:
+    """Optuna's optimization-history and parameter-importance plots of the sweep's study."""
+    import warnings
+
+    try:
+        study = _load_study(report.sweep_dir)
+    except Exception as err:  # noqa: BLE001 - a broken study must not stop the report
+        log.warning("cannot read %s: %s", report.sweep_dir / "optuna.db", err)
+        return {}
+    if study is None:
+        return {}
+    import optuna
+    from matplotlib import pyplot as plt
+
+    from src.viz.style import paper_style, save_figure
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    files: dict[str, Path] = {}
+    plots = {
+        "optuna_history": optuna.visualization.matplotlib.plot_optimization_history,
+        "optuna_importance": optuna.visualization.matplotlib.plot_param_importances,
+    }
+    for name, plot in plots.items():
+        if not complete or (name == "optuna_importance" and len(complete) < 2):
+            log.info(
+                "%s: not enough complete trials (%d) for %s", study.study_name, len(complete), name
+            )
+            continue
+        with warnings.catch_warnings(), paper_style():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                ax = plot(study)
+            except Exception as err:  # noqa: BLE001 - e.g. a search space of one value
+                log.warning("Optuna's %s plot failed: %s", name, err)
+                continue
+            fig = ax.get_figure()
+            fig.set_size_inches(5.0, 3.4)
+            ax.set_title(ax.get_title(), fontsize=9)
+            written = save_figure(fig, out / f"{name}.png", dpi=200)
+            plt.close(fig)
+        files[name] = written["png"]
+        files[f"{name}_pdf"] = written["pdf"]
+    return files
 
 
 def write_report(report: Report, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out_dir`` (default: sweep dir).
+    """Write the report files into ``out_dir`` (default: the sweep dir); see the module docstring.
 
     Returns:
-        ``{"markdown": path, "csv": path, "png": path}`` (also stored in ``report.files``).
+        ``{"markdown", "csv", "png", "pdf", ...: path}`` (also stored in ``report.files``):
+        ``mean_std_csv`` for seeded sweeps, ``figure:<metric>_vs_<key>`` per panel, and
+        ``optuna_history`` / ``optuna_importance`` for an Optuna search.
     """
     out = Path(out_dir) if out_dir is not None else report.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    files = {"markdown": out / "report.md", "csv": out / "report.csv"}
     files["markdown"].write_text(_markdown(report))
     _write_csv(report, files["csv"])
-    _plot(report, files["png"])
+    if report.seeded:
+        files["mean_std_csv"] = out / "report_mean_std.csv"
+        _write_mean_std_csv(report, files["mean_std_csv"])
+    files.update(_plot(report, out / "report.png"))
+    files.update(_optuna_plots(report, out))
     report.files = files
     log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     return files
@@ -516,8 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path in report.files.values():
-        print(path)
+    for kind in ("markdown", "csv", "png"):  # the others are logged by write_report
+        print(report.files[kind])
     return 0
 
 

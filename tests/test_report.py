@@ -136,3 +136,98 @@ def test_diverged_and_interrupted_runs_are_marked(sweep: Path) -> None:
     rows = {r["run"]: r["status"] for r in make_report(sweep).rows()}
     assert rows == {"0": "ok", "1": "diverged at step 7", "2": "interrupted (SIGTERM)"}
     assert "diverged at step 7" in (sweep / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ seeds, best run, figures
+def seeded_sweep(root: Path) -> Path:
+    """2 sigmas x 3 seeds; val/mAP_50 = sigma_base + seed / 100, val/loss = 1 / seed."""
+    job = 0
+    for sigma, base in (("0.5", 0.2), ("10", 0.6)):
+        for seed in (1, 2, 3):
+            scalars = {
+                "val/mAP_50": [(0, 0.0), (5, base + seed / 100)],
+                "val/loss": [(5, 1 / seed)],
+            }
+            make_run(root / str(job), [f"seed={seed}", f"loss.sigma={sigma}"], scalars)
+            job += 1
+    return root
+
+
+def test_seeds_are_aggregated_into_mean_and_sample_std(tmp_path: Path) -> None:
+    root = seeded_sweep(tmp_path / "sweep")
+    report = make_report(root, metrics=["val/mAP_50", "val/loss"])
+    assert report.swept_keys == ["seed", "loss.sigma"] and report.group_keys == ["loss.sigma"]
+    groups = report.groups()
+    assert [g["loss.sigma"] for g in groups] == [0.5, 10]
+    assert [g["n"] for g in groups] == [3, 3] and groups[0]["seeds"] == [1, 2, 3]
+    # by hand: mean of 0.21, 0.22, 0.23 = 0.22; sample std = sqrt((1e-4 + 0 + 1e-4) / 2) = 0.01
+    assert groups[0]["val/mAP_50"] == pytest.approx(0.22)
+    assert groups[0]["val/mAP_50 std"] == pytest.approx(0.01)
+    assert groups[1]["val/mAP_50"] == pytest.approx(0.62)
+    # 1, 1/2, 1/3: mean 11/18; std = sqrt(((7/18)^2 + (1/9)^2 + (5/18)^2) / 2)
+    assert groups[1]["val/loss"] == pytest.approx(11 / 18)
+    expected = math.sqrt(((7 / 18) ** 2 + (2 / 18) ** 2 + (5 / 18) ** 2) / 2)
+    assert groups[1]["val/loss std"] == pytest.approx(expected)
+    md = (root / "report.md").read_text()
+    assert "| **10** best | 3 | 0.62 ± 0.01 |" in md
+    with report.files["mean_std_csv"].open() as fh:
+        records = list(csv.DictReader(fh))
+    assert float(records[0]["val/mAP_50 std"]) == pytest.approx(0.01)
+    assert report.files["pdf"].read_bytes()[:4] == b"%PDF"
+
+
+def test_best_run_is_marked_once(sweep: Path) -> None:
+    make_report(sweep)
+    rows = [line for line in (sweep / "report.md").read_text().splitlines() if "best |" in line]
+    assert rows == [rows[0]] and rows[0].startswith("| **2** best | 10 |")  # largest val/mAP_50
+
+
+def test_figures_are_legible_at_half_a_page(tmp_path: Path) -> None:
+    from src.report import metric_figure
+    from src.viz.style import smallest_font_at
+
+    report = make_report(seeded_sweep(tmp_path / "sweep"), metrics=["val/mAP_50", "val/loss"])
+    fig = metric_figure(report, "val/mAP_50", "loss.sigma")
+    assert smallest_font_at(fig) >= 8.0
+    ax = fig.axes[0]
+    # 0.5 and 10 span a factor of 20: a log axis
+    assert ax.get_xlabel() == "loss.sigma (log scale)" and ax.get_xscale() == "log"
+    assert ax.get_ylabel().startswith("val/mAP_50")
+    assert ax.get_ylim()[0] == 0.0  # no auto-zoom onto tiny differences
+    joined = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "")]
+    assert not [ln for ln in joined if len(ln.get_xdata()) > 1]  # points are not joined
+    assert {t.get_text() for t in ax.texts} == {"0.22±0.01", "0.62±0.01"}
+    for stem in ("val_mAP_50_vs_loss.sigma", "val_loss_vs_loss.sigma"):
+        assert (tmp_path / "sweep" / "figures" / f"{stem}.pdf").is_file()
+
+
+def test_optuna_study_gives_log_axis_and_optuna_plots(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    root = tmp_path / "search"
+    lrs = [1e-4, 1e-3, 1e-2]
+    for number, lr in enumerate(lrs):
+        scalars = {"val/mAP_50": [(1, 0.1 * (number + 1))]}
+        make_run(root / str(number), [f"model.optimizer.lr={lr}", "loss.gamma=2"], scalars)
+    study = optuna.create_study(
+        study_name="s", storage=f"sqlite:///{root / 'optuna.db'}", direction="maximize"
+    )
+    dist = {
+        "model.optimizer.lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True),
+        "loss.gamma": optuna.distributions.FloatDistribution(0.0, 5.0),
+    }
+    for number, lr in enumerate(lrs):
+        trial = optuna.trial.create_trial(
+            params={"model.optimizer.lr": lr, "loss.gamma": 1.0 + number},
+            distributions=dist,
+            value=0.1 * (number + 1),
+        )
+        study.add_trial(trial)
+    report = make_report(root, metrics=["val/mAP_50"])
+    assert report.log_keys == {"model.optimizer.lr"}
+    from src.report import metric_figure
+
+    fig = metric_figure(report, "val/mAP_50", "model.optimizer.lr")
+    assert fig.axes[0].get_xscale() == "log"
+    for name in ("optuna_history", "optuna_importance"):
+        assert report.files[name].read_bytes()[:4] == b"\x89PNG"
+        assert report.files[f"{name}_pdf"].is_file()
