@@ -12,6 +12,8 @@ true boxes given as ``boxes=[[xmin,ymin,xmax,ymax],...]`` in pixels) this writes
   those a ``HardNegativeMiner(3)`` would keep, as the title says);
 * ``<name>_anchors.json``: the panels' ``J``, ``L``, class probability and boxes.
 
+The figures are half a page wide (3.4 inches, 8-9 pt text), each PNG with a vector PDF next to it.
+
 ``figures=true`` also writes the book's loss figures (``smooth_l1.png``, ``focal_loss.png``);
 without ``ckpt_path`` only those are written.
 """
@@ -42,6 +44,7 @@ from src.viz.anchors import (
     panels_summary,
 )
 from src.viz.loss_curves import write_loss_figures
+from src.viz.style import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +189,11 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         "negatives": out_dir / f"{stem}_negatives.png",
         "json": out_dir / f"{stem}_anchors.json",
     }
-    panels.savefig(files["anchors"], dpi=100)
-    negatives_figure(analysis, title=f"{stem}: hard negatives").savefig(files["negatives"], dpi=100)
+    # PNG (300 dpi) with a vector PDF next to each; half a page wide
+    save_figure(panels, files["anchors"], dpi=300)
+    save_figure(
+        negatives_figure(analysis, title=f"{stem}: hard negatives"), files["negatives"], dpi=300
+    )
     records = panels_summary(analysis)
     files["json"].write_text(
         json.dumps(

@@ -160,3 +160,10 @@ def test_user_hparams_and_run_name_by_hand() -> None:
     }
     assert run_name([]) == "defaults"
     assert run_name(["a=" + "x" * 200], max_len=10) == "a=xxxxx..."
+
+
+def test_images_tab_holds_detections_anchors_and_pr_curves(finished: Path) -> None:
+    images: set[str] = set()
+    for acc in _accumulators(finished):
+        images |= set(acc.Tags()["images"])
+    assert {"val/detections", "val/pr_curves", "val/anchors/0", "val/negatives/0"} <= images

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,6 +48,7 @@ __all__ = [
     "analyze_module",
     "anchor_panels_figure",
     "negatives_figure",
+    "crop_windows",
     "figure_to_tensor",
     "panels_summary",
 ]
@@ -271,14 +273,50 @@ def _grid(n: int, ncols: int) -> tuple[int, int]:
     return (n + ncols - 1) // ncols, ncols
 
 
+def crop_windows(boxes: Tensor, margin: float = 0.15, min_size: float = 0.3) -> Tensor:
+    """Square windows around groups of boxes, for zoomed panels.
+
+    Args:
+        boxes: ``Tensor[P, K, 4]`` normalised xyxy; each window covers the ``K`` boxes of its row.
+        margin: added on every side, as a fraction of the covered box's larger side.
+        min_size: the smallest window side (fraction of the image).
+
+    Returns:
+        ``Tensor[P, 4]`` normalised xyxy windows, square where the image allows, inside
+        ``[0, 1]`` (shifted, not cut, when they cross an edge).
+    """
+    lo = boxes[..., :2].amin(dim=1)
+    hi = boxes[..., 2:].amax(dim=1)
+    center = (lo + hi) / 2
+    side = (hi - lo).amax(dim=-1, keepdim=True) * (1 + 2 * margin)
+    side = side.clamp(min=min_size, max=1.0)
+    start = (center - side / 2).clamp(min=0.0)
+    start = torch.minimum(start, 1.0 - side)
+    return torch.cat((start, start + side), dim=-1)
+
+
+def _legend(fig: Figure, show_anchor: bool, ncols: int) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=GT_COLOR, lw=2, label="ground truth")]
+    if show_anchor:
+        handles.append(Line2D([], [], color=ANCHOR_COLOR, lw=1.5, ls="--", label="anchor"))
+    handles.append(Line2D([], [], color=PRED_COLOR, lw=1.5, label="predicted"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, max(ncols, 2)), fontsize=8)
+
+
 def anchor_panels_figure(
     analysis: AnchorAnalysis,
     show_anchor: bool = True,
-    ncols: int = 4,
-    panel_size: float = 2.6,
+    ncols: int = 2,
+    panel_size: float = 1.7,
     title: str | None = None,
+    crop: bool = True,
 ) -> Figure:
     """One panel per positive anchor: ground truth, anchor, predicted box, ``J`` and ``L``.
+
+    The default layout (2 columns of 1.7-inch panels, 9 pt titles) is 3.4 inches wide: legible
+    at half a page width. Each panel is zoomed onto its boxes (``crop``).
 
     Args:
         analysis: from :func:`analyze_anchors`.
@@ -286,67 +324,79 @@ def anchor_panels_figure(
         ncols: panels per row.
         panel_size: inches per panel.
         title: first line of the figure title.
+        crop: zoom each panel onto its ground truth, anchor and predicted box (with a margin);
+            false shows the whole image.
 
     Returns:
         A matplotlib ``Figure`` (Agg canvas attached).
     """
+    from src.viz.style import PAPER_RC
+
     n = analysis.num_panels
     nrows, ncols = _grid(max(n, 1), ncols)
-    width = max(panel_size * ncols, 7.5)
-    fig = Figure(figsize=(width, panel_size * nrows + 0.9), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[max(n, 1) :]:
-        ax.set_visible(False)
-    if n == 0:
-        ax = axes[0][0]
-        size = _show(ax, analysis.image)
-        _boxes(ax, analysis.gt_boxes, size, edgecolors=GT_COLOR, linewidths=2)
-        ax.set_title("no positive anchor", fontsize=9)
-    for k in range(n):
-        ax = axes.flat[k]
-        size = _show(ax, analysis.image)
-        _boxes(ax, analysis.matched_boxes[k : k + 1], size, edgecolors=GT_COLOR, linewidths=2)
-        _boxes(ax, analysis.pred_boxes[k : k + 1], size, edgecolors=PRED_COLOR, linewidths=1.5)
-        if show_anchor:  # dashed, on top: an untrained net predicts the anchor itself
-            _boxes(
-                ax,
-                analysis.anchors[k : k + 1],
-                size,
-                edgecolors=ANCHOR_COLOR,
-                linewidths=1.5,
-                linestyles="--",
+    width = panel_size * ncols
+    with matplotlib.rc_context(PAPER_RC | {"axes.grid": False}):
+        fig = Figure(figsize=(width, (panel_size + 0.35) * nrows + 1.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[max(n, 1) :]:
+            ax.set_visible(False)
+        if n == 0:
+            ax = axes[0][0]
+            size = _show(ax, analysis.image)
+            _boxes(ax, analysis.gt_boxes, size, edgecolors=GT_COLOR, linewidths=2)
+            ax.set_title("no positive anchor", fontsize=9)
+        stacked = torch.stack((analysis.matched_boxes, analysis.anchors, analysis.pred_boxes), 1)
+        windows = crop_windows(stacked.clamp(0, 1)) if n else stacked.new_zeros(0, 4)
+        for k in range(n):  # one axes per panel (matplotlib draws axes one by one)
+            ax = axes.flat[k]
+            size = _show(ax, analysis.image)
+            _boxes(ax, analysis.matched_boxes[k : k + 1], size, edgecolors=GT_COLOR, linewidths=2)
+            _boxes(ax, analysis.pred_boxes[k : k + 1], size, edgecolors=PRED_COLOR, linewidths=1.5)
+            if show_anchor:  # dashed, on top: an untrained net predicts the anchor itself
+                _boxes(
+                    ax,
+                    analysis.anchors[k : k + 1],
+                    size,
+                    edgecolors=ANCHOR_COLOR,
+                    linewidths=1.5,
+                    linestyles="--",
+                )
+            if crop:
+                height, width_px = size
+                x0, y0, x1, y1 = (windows[k] * torch.tensor([width_px, height] * 2)).tolist()
+                ax.set_xlim(x0, x1)
+                ax.set_ylim(y1, y0)
+            ax.set_title(
+                f"#{int(analysis.anchor_index[k])} J={float(analysis.iou[k]):.2f}\n"
+                f"L={float(analysis.box_loss[k]):.3f} p={float(analysis.score[k]):.2f}",
+                fontsize=9,
             )
-        ax.set_title(
-            f"#{int(analysis.anchor_index[k])}  J={float(analysis.iou[k]):.2f}  "
-            f"L={float(analysis.box_loss[k]):.3f}\np={float(analysis.score[k]):.2f}",
-            fontsize=9,
+        shown = (
+            f"{n} of {analysis.num_positives} positive anchors"
+            if n < analysis.num_positives
+            else f"{n} positive anchors"
         )
-    shown = (
-        f"{n} of {analysis.num_positives} positive anchors"
-        if n < analysis.num_positives
-        else f"{n} positive anchors"
-    )
-    legend = "green: ground truth, " + ("blue dashed: anchor, " if show_anchor else "")
-    lines = [
-        title or "Positive anchors, by decreasing box loss",
-        f"{shown}; {legend}red: predicted box decoded from the anchor",
-        f"J = IoU(predicted, ground truth), L = {analysis.box_loss_name} summed over the 4 "
-        "offsets, p = class probability",
-    ]
-    wrapped = [part for line in lines for part in textwrap.wrap(line, int(width * 13))]
-    fig.suptitle("\n".join(wrapped), fontsize=9)
+        lines = [
+            title or "Positive anchors, by decreasing box loss",
+            f"{shown} (zoomed)" if crop and n else shown,
+            "J: IoU(predicted, ground truth); L: box loss; p: class probability",
+        ]
+        chars = max(int(width * 72 / 9 * 1.7), 30)  # characters of 9 pt text per line
+        wrapped = [part for line in lines for part in textwrap.wrap(line, chars)]
+        fig.suptitle("\n".join(wrapped), fontsize=9)
+        _legend(fig, show_anchor, ncols)
     return fig
 
 
 def negatives_figure(
-    analysis: AnchorAnalysis, size: float = 6.0, title: str | None = None
+    analysis: AnchorAnalysis, size: float = 3.4, title: str | None = None
 ) -> Figure:
     """The negatives hard negative mining keeps (colour: classification loss), and the positives.
 
     Args:
         analysis: from :func:`analyze_anchors`.
-        size: figure size in inches.
+        size: figure width in inches (3.4: half a page).
         title: first line of the title.
 
     Returns:
@@ -355,35 +405,40 @@ def negatives_figure(
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
-    fig = Figure(figsize=(size + 1.0, size + 0.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    shape = _show(ax, analysis.image)
-    losses = analysis.negative_cls_loss
-    cmap = colormaps["autumn_r"]
-    norm = Normalize(
-        float(losses.min()) if losses.numel() else 0.0,
-        float(losses.max()) if losses.numel() else 1.0,
-    )
-    # Weakest first so that the hardest negatives are drawn on top.
-    colors = cmap(norm(losses.flip(0).numpy()))
-    _boxes(ax, analysis.negative_anchors.flip(0), shape, edgecolors=colors, linewidths=1.0)
-    _boxes(ax, analysis.anchors, shape, edgecolors=POS_COLOR, linewidths=1.0, linestyles="--")
-    _boxes(ax, analysis.gt_boxes, shape, edgecolors=GT_COLOR, linewidths=2.0)
-    if losses.numel():
-        from matplotlib.cm import ScalarMappable
+    from src.viz.style import PAPER_RC
 
-        fig.colorbar(
-            ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label="classification loss"
+    with matplotlib.rc_context(PAPER_RC | {"axes.grid": False}):
+        fig = Figure(figsize=(size, size + 1.3), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        shape = _show(ax, analysis.image)
+        losses = analysis.negative_cls_loss
+        cmap = colormaps["autumn_r"]
+        norm = Normalize(
+            float(losses.min()) if losses.numel() else 0.0,
+            float(losses.max()) if losses.numel() else 1.0,
         )
-    lines = [
-        title or "Hard negatives",
-        *textwrap.wrap(analysis.mining_note, 80),
-        f"{analysis.negative_index.numel()} of {analysis.num_negatives} negatives, colour: "
-        "classification loss",
-        "green: ground truth, cyan dashed: positive anchors",
-    ]
-    ax.set_title("\n".join(lines), fontsize=9)
+        # Weakest first so that the hardest negatives are drawn on top.
+        colors = cmap(norm(losses.flip(0).numpy()))
+        _boxes(ax, analysis.negative_anchors.flip(0), shape, edgecolors=colors, linewidths=1.0)
+        _boxes(ax, analysis.anchors, shape, edgecolors=POS_COLOR, linewidths=1.0, linestyles="--")
+        _boxes(ax, analysis.gt_boxes, shape, edgecolors=GT_COLOR, linewidths=2.0)
+        if losses.numel():
+            from matplotlib.cm import ScalarMappable
+
+            fig.colorbar(
+                ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label="classification loss"
+            )
+        chars = max(int(size * 72 / 9 * 1.7), 30)
+        lines = [
+            title or "Hard negatives",
+            *textwrap.wrap(analysis.mining_note, chars),
+            f"{analysis.negative_index.numel()} of {analysis.num_negatives} negatives "
+            "(colour: classification loss)",
+            "green: ground truth, cyan dashed: positive anchors",
+        ]
+        wrapped = [part for line in lines for part in textwrap.wrap(line, chars)]
+        ax.set_title("\n".join(wrapped), fontsize=9)
     return fig
 
 

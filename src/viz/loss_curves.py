@@ -8,7 +8,7 @@
 
 The curves are computed with :class:`~src.detection.losses.SmoothL1Loss` and
 :class:`~src.detection.losses.FocalLoss` themselves, so the figures show what training uses.
-``python -m src.visualize figures=true`` writes both PNGs.
+``python -m src.visualize figures=true`` writes both (PNG and PDF, half a page wide).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from src.detection.losses import FocalLoss, SmoothL1Loss
+from src.viz.style import HALF_PAGE_WIDTH_IN, paper_style, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +77,18 @@ def focal_curves(
 
 
 def _figure(x: Tensor, curves: dict[float, Tensor], name: str, xlabel: str, title: str) -> Figure:
-    fig = Figure(figsize=(4.5, 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for k, (value, y) in enumerate(curves.items()):
-        ax.plot(x.numpy(), y.numpy(), LINE_STYLES[k % len(LINE_STYLES)], label=f"{name}={value:g}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    """A half-page-wide (3.4 in) line figure, 8-9 pt text."""
+    with paper_style():
+        fig = Figure(figsize=(HALF_PAGE_WIDTH_IN, 2.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for k, (value, y) in enumerate(curves.items()):
+            style = LINE_STYLES[k % len(LINE_STYLES)]
+            ax.plot(x.numpy(), y.numpy(), style, label=f"{name}={value:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.legend()
     return fig
 
 
@@ -108,15 +111,15 @@ def write_loss_figures(
     sigmas: Sequence[float] = (10.0, 1.0, 0.5),
     gammas: Sequence[float] = (0.0, 1.0, 5.0),
 ) -> dict[str, Path]:
-    """Write ``smooth_l1.png`` and ``focal_loss.png`` into ``out_dir``.
+    """Write ``smooth_l1.png`` and ``focal_loss.png`` (each with a vector PDF) into ``out_dir``.
 
     Returns:
-        ``{"smooth_l1": path, "focal_loss": path}``.
+        ``{"smooth_l1": path, "focal_loss": path}`` (the PNGs; the PDFs lie next to them).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"smooth_l1": out / "smooth_l1.png", "focal_loss": out / "focal_loss.png"}
-    smooth_l1_figure(sigmas).savefig(files["smooth_l1"], dpi=100)
-    focal_figure(gammas).savefig(files["focal_loss"], dpi=100)
+    save_figure(smooth_l1_figure(sigmas), files["smooth_l1"], dpi=300)
+    save_figure(focal_figure(gammas), files["focal_loss"], dpi=300)
     log.info("Wrote %s and %s", files["smooth_l1"], files["focal_loss"])
     return files
