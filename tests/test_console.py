@@ -32,7 +32,6 @@ def console_run(
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1",
         ),
     )
     metrics, objects = train(cfg)

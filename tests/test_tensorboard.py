@@ -18,11 +18,7 @@ from src.utils.hparams import FINAL_METRICS, run_name, user_hparams
 from tests.conftest import compose_config, train_overrides
 
 USER_OVERRIDES = ["loss=smooth_l1", "loss.sigma=0.5", "trainer.max_epochs=2"]
-SHORT = [
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-]
+SHORT = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 
 
 def _accumulators(run_dir: Path) -> list[EventAccumulator]:
