@@ -16,6 +16,10 @@ SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
+# registers ${run_name:} (conf/logger/tensorboard.yaml) for configs composed and resolved here
+# without importing src.train or src.eval
+import src.utils.hparams  # noqa: E402, F401
+
 
 def shared_data(*parts: str) -> Path:
     """Path under ``../shared/data`` (the real VOC-mini test data beside the repository).

@@ -68,6 +68,7 @@ def test_hparams_list_the_overrides_and_knobs(finished: Path) -> None:
 
     hparams: dict = {}
     columns: list[str] = []
+    differs: set[str] = set()
     for acc in _accumulators(finished):
         for content in acc.PluginTagToContent("hparams").values():
             data = plugin_data_pb2.HParamsPluginData.FromString(content)
@@ -75,6 +76,9 @@ def test_hparams_list_the_overrides_and_knobs(finished: Path) -> None:
                 hparams.update(data.session_start_info.hparams)
             if data.HasField("experiment"):
                 columns += [m.name.tag for m in data.experiment.metric_infos]
+                differs |= {h.name for h in data.experiment.hparam_infos if h.differs}
+    # the overridden keys are flagged, so TensorBoard lists and shows them first
+    assert differs == {"run", "loss.name", "loss.sigma", "trainer.max_epochs"}
     assert hparams["run"].string_value == "loss=smooth_l1 loss.sigma=0.5 trainer.max_epochs=2"
     assert hparams["loss.sigma"].number_value == 0.5
     assert hparams["loss.name"].string_value == "smooth_l1"
@@ -87,8 +91,15 @@ def test_hparams_list_the_overrides_and_knobs(finished: Path) -> None:
     assert columns == ["final/" + m.replace("/", "_") for m in FINAL_METRICS]
 
 
+def test_run_folder_is_named_by_the_overrides(finished: Path) -> None:
+    dirs = {p.parent for p in (finished / "tensorboard").rglob("events.out.tfevents.*")}
+    name = "loss=smooth_l1,loss.sigma=0.5,trainer.max_epochs=2"
+    assert dirs == {finished / "tensorboard" / name}
+
+
 def test_finished_run_writes_no_nan_and_final_equals_last(finished: Path) -> None:
     scalars = _scalars(finished)
+    assert "epoch" not in scalars and "val/mAP_50" in scalars
     for tag, values in scalars.items():
         assert all(math.isfinite(v) for _, v in values), tag
     last_map = max(scalars["val/mAP_50"])[1]

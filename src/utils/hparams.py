@@ -6,6 +6,12 @@ the overrides (the anchor geometry and other constants stay out unless overridde
 :class:`HParamsCallback` logs them once at fit start and, at the end of fit, the last value of
 each metric in :data:`FINAL_METRICS` under ``final/``, the metric columns of the HParams tab.
 Nothing is logged as a placeholder: a run stopped before the end has blank columns, never NaN.
+
+The overridden keys are flagged as ``differs`` in the HParams experiment, so TensorBoard lists
+them first and shows them by default. :class:`RunTensorBoardLogger` writes into a sub-folder named
+by the overrides (``${run_name:${paths.output_dir}}`` in ``conf/logger/tensorboard.yaml``), which
+makes TensorBoard's run names (and the HParams trial ids) readable, and leaves out Lightning's
+``epoch`` scalar (the step axis already orders everything).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,8 @@ __all__ = [
     "run_name",
     "per_class_table",
     "HParamsCallback",
+    "RunTensorBoardLogger",
+    "run_dir_name",
     "FINAL_METRICS",
     "KNOB_PREFIXES",
 ]
@@ -94,6 +103,24 @@ def run_name(overrides: Sequence[str], max_len: int = 120) -> str:
     return name if len(name) <= max_len else name[: max_len - 3] + "..."
 
 
+def run_dir_name(run_dir: str | None = None, max_len: int = 100) -> str:
+    """A folder name from the run's overrides: ``loss=smooth_l1,loss.sigma=0.5`` (or ``defaults``).
+
+    The ``run_name`` OmegaConf resolver: ``${run_name:${paths.output_dir}}``. The overrides come
+    from Hydra, else from ``<run_dir>/.hydra/overrides.yaml`` (see
+    :func:`src.utils.console.task_overrides`); ``/`` and spaces become ``_`` and ``,``.
+    """
+    from src.utils.console import task_overrides
+
+    name = run_name(task_overrides(run_dir), max_len=10_000)
+    name = name.replace("/", "_").replace(" ", ",")
+    return name if len(name) <= max_len else name[: max_len - 3] + "..."
+
+
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_dir_name)
+
+
 def user_hparams(container: Mapping[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The hyper-parameters a user compares runs by.
 
@@ -137,6 +164,32 @@ def per_class_table(names: Sequence[str], aps: Sequence[float], mean_ap: float) 
     return "\n".join(rows)
 
 
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's ``TensorBoardLogger`` without the ``epoch`` scalar Lightning adds to every log.
+
+    Same arguments as :class:`~lightning.pytorch.loggers.TensorBoardLogger`.
+    """
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log every metric except ``epoch``."""
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
+def _hparams_summaries(params: Mapping[str, Any], columns: Mapping[str, float], varied: set[str]):
+    """TensorBoard's HParams summaries, the ``varied`` keys flagged ``differs`` (shown first)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    exp, ssi, sei = hparams(dict(params), dict(columns))
+    value = exp.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in varied
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return exp, ssi, sei
+
+
 class HParamsCallback(Callback):
     """Log hyper-parameters, final metrics and notes once per run to every logger.
 
@@ -164,8 +217,6 @@ class HParamsCallback(Callback):
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the hyper-parameters (with the datamodule's resolved values) and the overrides."""
-        from torch.utils.tensorboard.summary import hparams
-
         params = dict(self.params)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
@@ -173,13 +224,15 @@ class HParamsCallback(Callback):
             params.update({k: v for k, v in data.items() if k.endswith("resolved_source")})
         columns = {self._final_key(m): 0.0 for m in FINAL_METRICS}
         overrides = "\n".join(f"    {o}" for o in self.overrides) or "    (none: the defaults)"
+        keys = {o.lstrip("+~").partition("=")[0] for o in self.overrides}
+        varied = {"run"} | {k for k in params if k in keys or k.removesuffix(".name") in keys}
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
             if isinstance(logger, TensorBoardLogger):
                 # the HParams session: its metric columns are the final/ scalars written at the
                 # end, so no value (and no NaN placeholder) is logged now
                 writer = logger.experiment._get_file_writer()
-                for summary in hparams(params, columns):
+                for summary in _hparams_summaries(params, columns, varied):
                     writer.add_summary(summary)
                 logger.experiment.add_text(
                     "run/overrides",
