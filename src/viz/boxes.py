@@ -94,6 +94,7 @@ def draw_detections(
     score_threshold: float = 0.0,
     width: int = 2,
     font_size: int | None = None,
+    max_boxes: int | None = None,
 ) -> Tensor:
     """Draw predicted (red, with scores, labels above) and true (green, labels below) boxes.
 
@@ -106,6 +107,7 @@ def draw_detections(
         score_threshold: minimum score to draw a prediction.
         width: line width in pixels.
         font_size: label font size in pixels; default :func:`font_size_for` the image.
+        max_boxes: draw at most this many predictions (the highest scores); None: all.
 
     Returns:
         ``Tensor[3, H, W]`` uint8 with the boxes drawn (a new tensor).
@@ -120,7 +122,11 @@ def draw_detections(
         texts = _label_text(target["labels"].cpu(), None, class_names)
         _draw(draw, boxes, texts, TRUE_COLOR, TEXT_ON_TRUE, width, font, (height, width_px), True)
     if pred is not None and len(pred["boxes"]):
-        keep = pred["scores"].detach().cpu() >= score_threshold
+        scores = pred["scores"].detach().cpu()
+        keep = scores >= score_threshold
+        if max_boxes is not None and int(keep.sum()) > max_boxes:
+            top = torch.topk(torch.where(keep, scores, -1.0), int(max_boxes)).indices
+            keep = torch.zeros_like(keep).index_fill_(0, top, True)
         if keep.any():
             boxes = scale_boxes(pred["boxes"].detach().cpu().float()[keep], width_px, height)
             texts = _label_text(
@@ -154,8 +160,13 @@ def detection_grid(
     class_names: Sequence[str] | None = None,
     score_threshold: float = 0.3,
     nrow: int = 4,
+    max_boxes: int | None = 10,
 ) -> Tensor:
-    """A grid of images with predicted and true boxes and a legend strip: ``Tensor[3, H', W']``."""
+    """A grid of images with predicted and true boxes and a legend strip: ``Tensor[3, H', W']``.
+
+    At most ``max_boxes`` predictions per image are drawn (the highest scores; an untrained net
+    has hundreds above any threshold), as the legend says.
+    """
     panels = [
         draw_detections(
             img,
@@ -163,12 +174,14 @@ def detection_grid(
             None if targets is None else targets[i],
             class_names=class_names,
             score_threshold=score_threshold,
+            max_boxes=max_boxes,
         )
         for i, (img, pred) in enumerate(zip(images, preds, strict=True))
     ]
     grid = make_grid(torch.stack(panels), nrow=nrow, padding=2, pad_value=255)
     size = font_size_for(*panels[0].shape[-2:])
-    items = [(f"prediction (score >= {score_threshold:g})", PRED_COLOR)]
+    cap = f", top {max_boxes} an image" if max_boxes is not None else ""
+    items = [(f"prediction (score >= {score_threshold:g}{cap})", PRED_COLOR)]
     if targets is not None:
         items.insert(0, ("ground truth", TRUE_COLOR))
     return torch.cat((grid, legend_strip(grid.shape[-1], items, size)), dim=1)

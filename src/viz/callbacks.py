@@ -143,9 +143,16 @@ class DetectionGridCallback(Callback):
         num_images: images of the first validation batch drawn (0 disables the callback).
         score_threshold: minimum score of a drawn detection.
         tag: prefix of the TensorBoard image tag.
+        max_boxes: detections drawn per image at most (the highest scores); null: all.
     """
 
-    def __init__(self, num_images: int = 8, score_threshold: float = 0.3, tag: str = "val") -> None:
+    def __init__(
+        self,
+        num_images: int = 8,
+        score_threshold: float = 0.3,
+        tag: str = "val",
+        max_boxes: int | None = 10,
+    ) -> None:
         if int(num_images) < 0:
             raise ValueError(f"callbacks.detection_grid.num_images must be >= 0, got {num_images}")
         if not 0.0 <= float(score_threshold) <= 1.0:
@@ -155,6 +162,7 @@ class DetectionGridCallback(Callback):
         self.num_images = int(num_images)
         self.score_threshold = float(score_threshold)
         self.tag = tag
+        self.max_boxes = None if max_boxes is None else int(max_boxes)
         self._batch: tuple[Tensor, list[dict[str, Tensor]], list[dict[str, Tensor]]] | None = None
 
     def on_validation_batch_end(
@@ -194,6 +202,7 @@ class DetectionGridCallback(Callback):
             targets,
             class_names=getattr(pl_module, "class_names", None),
             score_threshold=self.score_threshold,
+            max_boxes=self.max_boxes,
         )
         for logger in loggers:
             logger.experiment.add_image(f"{self.tag}/detections", grid, trainer.global_step)

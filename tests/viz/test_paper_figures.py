@@ -134,3 +134,13 @@ def test_pr_curves_callback_logs_to_tensorboard(tmp_path: Path) -> None:
     trainer.sanity_checking = True
     with pytest.raises(ValueError, match="max_classes"):
         PRCurvesCallback(max_classes=0)
+
+
+def test_at_most_max_boxes_predictions_are_drawn() -> None:
+    image = torch.zeros(3, 100, 100)
+    boxes = torch.tensor([[0.05, 0.3, 0.25, 0.6], [0.35, 0.3, 0.55, 0.6], [0.7, 0.3, 0.9, 0.6]])
+    pred = {"boxes": boxes, "scores": torch.tensor([0.5, 0.9, 0.7]), "labels": torch.zeros(3)}
+    out = draw_detections(image, pred, score_threshold=0.3, max_boxes=2, width=1)
+    red = (out == torch.tensor(PRED_COLOR, dtype=torch.uint8).view(3, 1, 1)).all(0)
+    # the box scoring 0.5 (x 5..25) is left out; the two others are drawn
+    assert not red[:, :30].any() and red[:, 30:60].any() and red[:, 65:95].any()
