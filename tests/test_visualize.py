@@ -26,7 +26,7 @@ SIGMA = 2.0
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Path:
-    """One short real run (smooth L1, sigma 2) with the TensorBoard logger."""
+    """One short real run (smooth L1, sigma 2, no mining) with the TensorBoard logger."""
     out = tmp_path_factory.mktemp("vis_run")
     cfg = compose_config(
         "train",
@@ -35,6 +35,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Pat
             banana_data_dir,
             "loss=smooth_l1",
             f"loss.sigma={SIGMA}",
+            "mining=none",
             "++trainer.max_epochs=1",
             "++trainer.limit_train_batches=1",
             "++trainer.limit_val_batches=1",

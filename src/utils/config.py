@@ -80,6 +80,8 @@ def register_resolvers() -> None:
       (``conf/trainer/ddp.yaml``).
     * ``${auto_precision:ACCELERATOR}``: ``bf16-mixed`` where the device computes bfloat16
       natively, else ``32-true`` (``conf/trainer/default.yaml``).
+    * ``${run_name:RUN_DIR}``: a TensorBoard run name built from the run's overrides
+      (``conf/logger/tensorboard.yaml``, :func:`src.utils.hparams.run_dir_name`).
     """
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
@@ -87,6 +89,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("gpu_only", _gpu_only)
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    # ${run_name:} (TensorBoard run names from the overrides) is registered when
+    # src.utils.hparams is imported
+    import src.utils.hparams  # noqa: F401
 
 
 def config_to_container(cfg: DictConfig) -> dict[str, Any]:
