@@ -6,6 +6,11 @@ by ``hydra.compose``. It returns the metrics (so sweepers can optimise them) and
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: see src/utils/malloc.py
+    from src.utils.malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
 import logging
 from pathlib import Path
 from typing import Any

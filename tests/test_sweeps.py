@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra.utils import instantiate
 
@@ -390,3 +391,26 @@ def test_loss_exercise_experiments(
         "train", [f"paths.output_dir={tmp_path}", f"experiment={experiment}", "loss.cls_weight=2"]
     )
     assert cfg.loss.cls_weight == 2
+
+
+def test_default_recipe_uses_smaller_anchors_and_the_book_recipe_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """`python -m src.train` is experiment=banana: the book's size ladder one level down."""
+    default = compose_config("train", [f"paths.output_dir={tmp_path}"])
+    book = compose_config("train", [f"paths.output_dir={tmp_path}", "experiment=d2l_banana"])
+    assert [list(s) for s in default.backbone.anchors.sizes] == [
+        [0.1, 0.141], [0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79]
+    ]  # fmt: skip
+    assert [list(s) for s in book.backbone.anchors.sizes] == [
+        [0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]
+    ]  # fmt: skip
+    for cfg in (default, book):
+        net = instantiate(cfg.model.net, num_classes=1)
+        out = net.eval()(torch.zeros(1, 3, 256, 256))
+        assert out.anchors.reshape(-1, 4).shape == (5444, 4)
+    # the ladder's second size per level is the book's sqrt(s_l * s_l+1)
+    ladder = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88]
+    for level, sizes in enumerate(default.backbone.anchors.sizes):
+        assert sizes[0] == ladder[level]
+        assert sizes[1] == pytest.approx(math.sqrt(ladder[level] * ladder[level + 1]), abs=1e-3)
