@@ -19,6 +19,12 @@ and their ratios are printed.
     python benchmarks/train_step.py                              # TinySSD vs the book, batch 32
     python benchmarks/train_step.py --model ssd300 --batch 4     # SSD300 vs torchvision
     python benchmarks/train_step.py --device cuda                # GPU
+
+``--model tiny`` times the book's loop in float32 (its default) and under bf16 autocast, and
+ours at ``--precisions`` (default ``32-true,bf16-mixed``; bf16-mixed is the project's default on
+CPUs with native bf16). Like ``python -m src.train``, the script restarts itself once with the
+glibc malloc tunables of :mod:`src.utils.malloc`, which both sides then share
+(``SSD_MALLOC_TUNING=0`` times the untuned process).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks import d2l_reference as d2l  # noqa: E402
+from src.utils.malloc import reexec_with_malloc_tunables  # noqa: E402
 
 
 def make_batch(
@@ -145,13 +152,17 @@ def time_module(  # noqa: ANN001
     return timer.times
 
 
-def time_book(net, opt, X, Y, steps: int, device: torch.device) -> list[float]:  # noqa: ANN001
+def time_book(  # noqa: ANN001
+    net, opt, X, Y, steps: int, device: torch.device, bf16: bool = False
+) -> list[float]:
+    """The book's loop body; under bf16 autocast (forward, targets and loss) when ``bf16``."""
     times = []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        d2l.train_step(net, opt, X, Y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            d2l.train_step(net, opt, X, Y)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -190,7 +201,8 @@ def _header(device: torch.device, args: argparse.Namespace) -> None:
     print(
         f"device: {device} ({name}); cpus: {os.cpu_count()}; "
         f"torch threads: {torch.get_num_threads()}; "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     print(
         f"model {args.model}, batch {args.batch}, {args.rounds} rounds x {args.steps} timed steps "
@@ -241,6 +253,7 @@ def main_ssd300(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main() -> None:
+    reexec_with_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "ssd300"], default="tiny")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 (tiny), 4 (ssd300)")
@@ -252,7 +265,8 @@ def main() -> None:
     parser.add_argument(
         "--precisions",
         default="32-true,bf16-mixed",
-        help="ssd300: comma-separated Lightning precisions (32-true, bf16-mixed)",
+        help="comma-separated Lightning precisions of our side (32-true, bf16-mixed); the peer "
+        "runs in float32 and under bf16 autocast to match",
     )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -277,21 +291,30 @@ def main() -> None:
 
     book_net = d2l.TinySSD(num_classes=1).to(device)
     book_opt = torch.optim.SGD(book_net.parameters(), lr=0.2, weight_decay=5e-4)
-    ours, book = [], []
+    precisions = args.precisions.split(",")
+    results: dict[str, list[float]] = {}
+    n = args.warmup + args.steps
     for _ in range(args.rounds):
-        book += time_book(book_net, book_opt, X, Y, args.warmup + args.steps, device)[args.warmup :]
-        module = build_module()
-        ours += time_module(module, batch, args.warmup + args.steps, device)[args.warmup :]
-
-    m_ours, m_book = statistics.median(ours), statistics.median(book)
+        for precision in precisions:
+            bf16 = precision.startswith("bf16")
+            book_key = f"book loop ({'bf16 autocast' if bf16 else 'float32'})"
+            times = time_book(book_net, book_opt, X, Y, n, device, bf16)
+            results.setdefault(book_key, []).extend(times[args.warmup :])
+            times = time_module(build_module(), batch, n, device, precision)
+            results.setdefault(f"SSDLitModule ({precision})", []).extend(times[args.warmup :])
     _header(device, args)
-    print(
-        f"book loop     : median {m_book * 1e3:8.1f} ms/step  {args.batch / m_book:8.1f} examples/s"
-    )
-    print(
-        f"SSDLitModule  : median {m_ours * 1e3:8.1f} ms/step  {args.batch / m_ours:8.1f} examples/s"
-    )
-    print(f"speed-up (book time / module time): {m_book / m_ours:.3f}")
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    width = max(map(len, medians))
+    for key, m in medians.items():
+        print(f"{key:<{width}} : median {m * 1e3:8.1f} ms/step  {args.batch / m:7.1f} examples/s")
+    book32 = medians.get("book loop (float32)")
+    for precision in precisions:
+        ours = medians[f"SSDLitModule ({precision})"]
+        if book32 is not None:
+            print(f"book float32 (its default) / SSDLitModule {precision}: {book32 / ours:.2f}x")
+        peer = "bf16 autocast" if precision.startswith("bf16") else "float32"
+        same = medians[f"book loop ({peer})"]
+        print(f"speed-up at equal precision ({precision}): {same / ours:.2f}x")
 
 
 if __name__ == "__main__":
