@@ -414,3 +414,17 @@ def test_default_recipe_uses_smaller_anchors_and_the_book_recipe_keeps_its_own(
     for level, sizes in enumerate(default.backbone.anchors.sizes):
         assert sizes[0] == ladder[level]
         assert sizes[1] == pytest.approx(math.sqrt(ladder[level] * ladder[level + 1]), abs=1e-3)
+    # the smaller anchors belong to backbone=tiny_small_anchors, not to the experiment: another
+    # backbone on the default recipe's command line gets its own anchors untouched
+    assert default.backbone.name == "tiny"
+    book_tiny = compose_config("train", [f"paths.output_dir={tmp_path}", "backbone=tiny"])
+    assert book_tiny.backbone.anchors == book.backbone.anchors
+    for name, sides, count in (
+        ("vgg16", [38, 19, 10, 5, 3, 1], 8732),
+        ("vgg16_512", [64, 32, 16, 8, 4, 2, 1], 24564),
+    ):
+        other = compose_config("train", [f"paths.output_dir={tmp_path}", f"backbone={name}"])
+        assert "sizes" not in other.backbone.anchors
+        generator = instantiate(other.backbone.anchors)  # raised TypeError on `sizes` before
+        size = other.backbone.image_size
+        assert generator([(s, s) for s in sides], (size, size)).shape == (count, 4)
