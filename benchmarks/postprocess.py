@@ -15,6 +15,10 @@ Rounds alternate between the sides; medians, minima and ratios of medians are pr
 
     python benchmarks/postprocess.py
     python benchmarks/postprocess.py --batch 8 --no-book
+
+Like ``python -m src.train``, the script restarts itself once with the glibc malloc tunables of
+:mod:`src.utils.malloc`, which every side then shares (``SSD_MALLOC_TUNING=0`` times the untuned
+process).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torchvision.models.detection.ssd import SSD  # noqa: E402
 from benchmarks import d2l_reference as d2l  # noqa: E402
 from benchmarks.targets import ssd300_anchors, time_rounds  # noqa: E402
 from src.detection.postprocess import PostProcess  # noqa: E402
+from src.utils.malloc import reexec_with_malloc_tunables  # noqa: E402
 
 
 def make_outputs(
@@ -78,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side per round")
     parser.add_argument("--no-book", action="store_true", help="skip the (slow) book reference")
     args = parser.parse_args()
+    reexec_with_malloc_tunables()  # the allocator settings of `python -m src.train`
 
     anchors = ssd300_anchors()
     logits, deltas = make_outputs(args.batch, anchors.shape[0])
@@ -102,7 +108,8 @@ def main() -> None:
     candidates = int((logits.softmax(-1)[..., 1:] > 0.01).sum())
     print(
         f"cpu: {platform.processor() or platform.machine()}; cpus: {os.cpu_count()}; "
-        f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}"
+        f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     print(
         f"batch {args.batch}, {anchors.shape[0]} anchors, {logits.shape[-1]} classes; "

@@ -18,6 +18,10 @@ every image (each image alone, so that the book sees no padding rows).
 
     python benchmarks/targets.py                      # CPU, batch 32
     python benchmarks/targets.py --batch 8 --rounds 30
+
+Like ``python -m src.train``, the script restarts itself once with the glibc malloc tunables of
+:mod:`src.utils.malloc`, which every side then shares (``SSD_MALLOC_TUNING=0`` times the untuned
+process).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torchvision.ops import box_iou  # noqa: E402
 from benchmarks import d2l_reference as d2l  # noqa: E402
 from src.detection.anchors import SSDDefaultBoxGenerator  # noqa: E402
 from src.detection.targets import TargetEncoder, pad_targets  # noqa: E402
+from src.utils.malloc import reexec_with_malloc_tunables  # noqa: E402
 
 SSD300_ANCHORS = SSDDefaultBoxGenerator(
     image_size=300,
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side per round")
     parser.add_argument("--no-book", action="store_true", help="skip the (slow) book reference")
     args = parser.parse_args()
+    reexec_with_malloc_tunables()  # the allocator settings of `python -m src.train`
 
     anchors = ssd300_anchors()
     targets = make_targets(args.batch, args.max_objects)
@@ -163,7 +169,8 @@ def main() -> None:
     objects = sum(len(t["labels"]) for t in targets)
     print(
         f"cpu: {platform.processor() or platform.machine()}; cpus: {os.cpu_count()}; "
-        f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}"
+        f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     print(
         f"batch {args.batch}, {objects} objects (1-{args.max_objects} per image), "
