@@ -12,6 +12,11 @@ be repeated; the data come from the checkpoint too unless a ``data`` group is se
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: see src/utils/malloc.py
+    from src.utils.malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
 import logging
 import math
 from pathlib import Path

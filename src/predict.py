@@ -14,6 +14,11 @@ processed, and the command exits non-zero at the end.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: see src/utils/malloc.py
+    from src.utils.malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
 import json
 import logging
 import time

@@ -66,3 +66,19 @@ def test_reexec_keeps_the_process_and_its_arguments(tmp_path: Path) -> None:
         check=True,
     ).stdout.splitlines()
     assert len(opted_out) == 2 and opted_out[1].endswith("None []")
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "predict"])
+def test_entry_points_restart_before_torch_is_imported(module: str) -> None:
+    """`python -m src.<module>` calls the restart before its first import of anything else."""
+    import ast
+
+    tree = ast.parse((ROOT / "src" / f"{module}.py").read_text())
+    body = [
+        n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+    ]
+    body = [n for n in body if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    first = body[0]
+    assert isinstance(first, ast.If) and ast.unparse(first.test) == "__name__ == '__main__'"
+    calls = [ast.unparse(n) for n in ast.walk(first) if isinstance(n, ast.Call)]
+    assert calls == ["reexec_with_malloc_tunables()"]
