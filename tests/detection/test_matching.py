@@ -192,3 +192,28 @@ def test_random_padding_and_ties_stress(seed):
         expected = torch.where(ref >= 0, keep[ref.clamp(min=0)], -1)
         assert torch.equal(out[b], expected)
         assert set(keep.tolist()) <= set(out[b].tolist())
+
+
+def test_batch_mixing_distinct_and_shared_best_anchors_equals_the_sequential_greedy():
+    """Images whose ground truths have distinct best anchors take them directly; images where
+    two share one go through the greedy rounds; in one batch both equal the book's loops."""
+    from src.detection.matching import BoxIoUTable, _greedy_on_candidates
+
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.rand(300, 2, generator=g) * 0.7
+    anchors = torch.cat((anchors, anchors + 0.05 + torch.rand(300, 2, generator=g) * 0.25), 1)
+    far = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.6, 0.6, 0.95, 0.95], [0.3, 0.0, 0.5, 0.3]])
+    crowded = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.1, 0.1, 0.4, 0.4], [0.12, 0.1, 0.4, 0.41]])
+    gt = torch.stack((far, crowded, far.flip(0)))  # [3, 3, 4]
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    iou = pairwise_iou_batched(gt, anchors)
+    best = iou.argmax(dim=2)
+    assert best[0].unique().numel() == 3 and best[1].unique().numel() < 3  # both paths
+    ours = match_anchors_batched(iou, valid=valid)
+    for b in range(3):
+        n = int(valid[b].sum())
+        assert torch.equal(ours[b], sequential_reference(iou[b, :n]))
+    # the greedy alone, on the table the encoder builds
+    taken = _greedy_on_candidates(BoxIoUTable(gt, valid, anchors), valid)
+    assert taken[2, 2] == -1 and taken[0].tolist() == best[0].tolist()
+    assert len(set(taken[1].tolist())) == 3
