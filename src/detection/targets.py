@@ -115,13 +115,23 @@ def pad_targets(
         for boxes in boxes_list:
             if boxes.is_floating_point():
                 dtype = torch.promote_types(dtype, boxes.dtype)
-    g_max = max((b.shape[0] for b in boxes_list), default=0)
+    counts = [b.shape[0] for b in boxes_list]
+    g_max = max(counts, default=0)
     out = torch.full((len(boxes_list), g_max, 5), -1.0, dtype=dtype, device=device)
-    for i, (boxes, labels) in enumerate(zip(boxes_list, labels_list, strict=True)):
-        n = boxes.shape[0]
-        if n:
-            out[i, :n, 0] = labels.to(device=device, dtype=dtype)
-            out[i, :n, 1:] = boxes.to(device=device, dtype=dtype)
+    if g_max == 0:
+        return out
+    # one write for the whole batch: row (image i, slot j) for the j-th box of image i
+    rows = torch.cat(
+        (
+            torch.cat([t.to(device=device, dtype=dtype) for t in labels_list])[:, None],
+            torch.cat([t.to(device=device, dtype=dtype) for t in boxes_list]),
+        ),
+        dim=1,
+    )  # [N, 5]
+    sizes = torch.tensor(counts, device=device)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes)
+    slot = torch.arange(rows.shape[0], device=device) - (sizes.cumsum(0) - sizes)[image]
+    out[image, slot] = rows
     return out
 
 
