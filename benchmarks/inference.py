@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from src.export import Detector, export_onnx  # noqa: E402
+from src.utils.malloc import reexec_with_malloc_tunables  # noqa: E402
 
 
 def build_module(model: str):  # noqa: ANN201
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per engine per round")
     args = parser.parse_args()
+    reexec_with_malloc_tunables()  # the allocator settings of `python -m src.predict`
 
     import onnxruntime as ort
 
@@ -99,7 +101,8 @@ def main() -> None:
     print(
         f"cpu: {platform.processor() or platform.machine()}; cpus: {os.cpu_count()}; "
         f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}; "
-        f"onnxruntime {ort.__version__}"
+        f"onnxruntime {ort.__version__}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     print(
         f"model {args.model} ({height}x{width}, network + decoding + NMS); {args.rounds} "
