@@ -21,8 +21,7 @@ every anchor, the index of its ground truth or ``-1`` (background).
 
 **How it is computed.** A few tensor operations over the whole batch (see
 :class:`BoxIoUTable`): the IoU is computed for the valid ground truths only (``[N, A]``, in
-place; for grid anchors each level's intersections are one outer product, see
-:mod:`src.detection.grid_layout`), and the only other full passes are the per-anchor maximum over
+place), and the only other full passes are the per-anchor maximum over
 each image's ground truths and per-chunk maxima (``A`` is cut into chunks of ``S`` anchors):
 
 * *threshold step*: only the per-anchor maximum is needed everywhere; the argmax is taken just
@@ -74,8 +73,6 @@ import math
 
 import torch
 from torch import Tensor
-
-from src.detection.grid_layout import GridLevel
 
 __all__ = [
     "match_anchors",
@@ -184,9 +181,7 @@ class BoxIoUTable(IoUTable):
 
     Only the ``N`` valid rows are computed, in place in one ``[N + 1, C * S]`` buffer (the last
     row, all zeros, stands for every padding row); values are bit-identical to the book's
-    ``box_iou`` (NaN, from an empty union, becomes 0). With the anchors' verified ``layout``
-    (:func:`~src.detection.grid_layout.find_grid_layout`), the intersections of each level are
-    one outer product of widths and heights (the same numbers, multiplied in the same way).
+    ``box_iou`` (NaN, from an empty union, becomes 0).
     """
 
     def __init__(
@@ -194,7 +189,6 @@ class BoxIoUTable(IoUTable):
         gt_boxes: Tensor,
         valid: Tensor,
         anchors: Tensor,
-        layout: list[GridLevel] | None = None,
     ) -> None:
         dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
         device = anchors.device
@@ -217,17 +211,14 @@ class BoxIoUTable(IoUTable):
         ax1, ay1, ax2, ay2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))  # [A]
         # In place, the book's arithmetic: inter / (area_a + area_g - inter).
         inter = self.buffer[:rows, :num_anchors]  # [N, A] view
-        if layout is not None:
-            self._fill_grid(inter, (gx1, gy1, gx2, gy2), layout, dtype)
-        else:
-            torch.minimum(gx2, ax2, out=inter)
-            tmp = torch.maximum(gx1, ax1)
-            inter.sub_(tmp).clamp_(min=0)  # intersection width
-            height = torch.minimum(gy2, ay2)
-            height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
-            inter.mul_(height)
-            union = torch.add((ax2 - ax1) * (ay2 - ay1), (gx2 - gx1) * (gy2 - gy1), out=tmp)
-            inter.div_(union.sub_(inter))
+        torch.minimum(gx2, ax2, out=inter)
+        tmp = torch.maximum(gx1, ax1)
+        inter.sub_(tmp).clamp_(min=0)  # intersection width
+        height = torch.minimum(gy2, ay2)
+        height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
+        inter.mul_(height)
+        union = torch.add((ax2 - ax1) * (ay2 - ay1), (gx2 - gx1) * (gy2 - gy1), out=tmp)
+        inter.div_(union.sub_(inter))
         # A union is > 0 (no NaN) when anchors have positive and boxes non-negative sides.
         if not bool(
             torch.isfinite(anchors).all()
@@ -236,42 +227,6 @@ class BoxIoUTable(IoUTable):
             and ((gx2 >= gx1) & (gy2 >= gy1)).all()
         ):
             inter.nan_to_num_(nan=0.0)
-
-    @staticmethod
-    def _fill_grid(
-        out: Tensor,
-        gt: tuple[Tensor, Tensor, Tensor, Tensor],
-        layout: list[GridLevel],
-        dtype: torch.dtype,
-    ) -> None:
-        """Write the IoU of ``N`` boxes with grid anchors into ``out[N, A]`` (a strided view).
-
-        Per level and anchor shape, the intersections are an outer product of widths ``[W]``
-        and heights ``[H]``, and the anchor areas an outer product of the anchors' sides, so the
-        IoU of one shape is computed in a small contiguous ``[N, H, W]`` block (it stays in the
-        cache) with the book's arithmetic ``inter / (area_a + area_g - inter)`` and then copied
-        to its strided place: the ``[N, A]`` table is written once instead of four times.
-        """
-        gx1, gy1, gx2, gy2 = (c[:, :, None] for c in gt)  # [N, 1, 1] each
-        area_g = (gx2 - gx1) * (gy2 - gy1)  # [N, 1, 1]
-        rows = out.shape[0]
-        for level in layout:
-            x1, x2 = level.x.to(dtype)  # [W, K] each
-            y1, y2 = level.y.to(dtype)  # [H, K] each
-            w = (torch.minimum(gx2, x2) - torch.maximum(gx1, x1)).clamp_(min=0)  # [N, W, K]
-            h = (torch.minimum(gy2, y2) - torch.maximum(gy1, y1)).clamp_(min=0)  # [N, H, K]
-            side_w, side_h = x2 - x1, y2 - y1  # [W, K], [H, K]
-            block = out[:, level.start : level.start + level.size].view(
-                rows, level.height, level.width, level.per_cell
-            )
-            inter = torch.empty((rows, level.height, level.width), dtype=dtype, device=out.device)
-            union = torch.empty_like(inter)
-            for shape in range(level.per_cell):
-                torch.mul(w[:, None, :, shape], h[:, :, None, shape], out=inter)
-                area_a = side_h[:, None, shape] * side_w[None, :, shape]  # [H, W]
-                torch.add(area_a, area_g, out=union)
-                inter.div_(union.sub_(inter))
-                block[..., shape] = inter
 
     def best_per_anchor(self) -> Tensor:  # noqa: D102
         best = torch.zeros(

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from src.detection.coder import BoxCoder
-from src.detection.grid_layout import GridLevel, find_grid_layout
 from src.detection.matching import (
     BoxIoUTable,
     IoUTable,
@@ -171,22 +170,6 @@ class TargetEncoder:
         self.iou_threshold = iou_threshold
         self.rule = rule
         self._match = MATCHING_RULES[rule]
-        # the grid layout of the last anchors seen (found once, reused while they do not change)
-        self._layout_anchors: Tensor | None = None
-        self._layout: list[GridLevel] | None = None
-
-    def _grid_layout(self, anchors: Tensor) -> list[GridLevel] | None:
-        cached = self._layout_anchors
-        if (
-            cached is None
-            or cached.shape != anchors.shape
-            or cached.dtype != anchors.dtype
-            or cached.device != anchors.device
-            or not torch.equal(cached, anchors)
-        ):
-            self._layout = find_grid_layout(anchors)
-            self._layout_anchors = anchors.clone()
-        return self._layout
 
     def __call__(self, anchors: Tensor, targets: Sequence[Mapping[str, Any]]) -> MultiboxTargets:
         """Targets for a batch of per-image ground truths.
@@ -234,8 +217,7 @@ class TargetEncoder:
             )
         labels = labels.to(anchors.device)
         valid = labels[..., 0] >= 0  # [B, G]
-        layout = self._grid_layout(anchors)
-        table = BoxIoUTable(labels[..., 1:], valid, anchors, layout)  # IoU of the valid rows
+        table = BoxIoUTable(labels[..., 1:], valid, anchors)  # IoU of the valid rows
         matched, keys = self._match(table, valid, self.iou_threshold)  # [B, A], [P']
         pos = matched >= 0
         dtype = torch.promote_types(self._dtype(anchors), labels.dtype)

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from src.detection.anchors import grid_anchors, multibox_prior, ssd_default_boxes
-from src.detection.grid_layout import find_grid_layout
+from src.detection.anchors import grid_anchors, ssd_default_boxes
 from src.detection.matching import BoxIoUTable, pairwise_iou_batched
 
 SSD300 = dict(
@@ -20,67 +19,15 @@ def tiny_ssd_anchors():
     return grid_anchors([(32, 32), (16, 16), (8, 8), (4, 4), (1, 1)], sizes, [[1, 2, 0.5]] * 5)
 
 
-def test_ssd300_levels():
-    layout = find_grid_layout(ssd_default_boxes(**SSD300))
-    assert [(lv.start, lv.height, lv.width, lv.per_cell) for lv in layout] == [
-        (0, 38, 38, 4),
-        (5776, 19, 19, 6),
-        (7942, 10, 10, 6),
-        (8542, 5, 5, 6),
-        (8692, 3, 3, 4),
-        (8728, 1, 1, 4),
-    ]
-    assert sum(lv.size for lv in layout) == 8732
-
-
-def test_tiny_ssd_and_rectangular_book_levels():
-    layout = find_grid_layout(tiny_ssd_anchors())
-    assert [(lv.height, lv.width, lv.per_cell) for lv in layout] == [
-        (32, 32, 4),
-        (16, 16, 4),
-        (8, 8, 4),
-        (4, 4, 4),
-        (1, 1, 4),
-    ]
-    rect = multibox_prior(torch.zeros(1, 3, 3, 5), [0.75, 0.5], [1, 2])[0]  # 3 x 5 cells
-    (level,) = find_grid_layout(rect)
-    assert (level.height, level.width, level.per_cell) == (3, 5, 3)
-    # the tables hold the anchors' own coordinates
-    grid = rect.view(3, 5, 3, 4)
-    assert torch.equal(level.x[0], grid[0, :, :, 0]) and torch.equal(level.y[1], grid[:, 0, :, 3])
-
-
-@pytest.mark.parametrize(
-    "anchors",
-    [
-        torch.rand(50, 4),  # no structure
-        ssd_default_boxes(**SSD300, clip="xyxy"),  # border cells have shifted centres
-        ssd_default_boxes(**SSD300).flip(0),  # not (i, j, s) order
-        torch.tensor([[0.0, 0.0, 1.0, float("nan")]]),
-    ],
-    ids=["random", "xyxy_clip", "reversed", "nan"],
-)
-def test_no_layout_when_not_verifiable(anchors):
-    assert find_grid_layout(anchors) is None
-
-
-def test_one_corrupted_coordinate_is_caught():
-    anchors = ssd_default_boxes(**SSD300).clone()
-    anchors[100, 0] += 1e-3  # breaks "x depends on the column and shape only"
-    assert find_grid_layout(anchors) is None
-
-
-@pytest.mark.parametrize("use_layout", [True, False])
 @pytest.mark.parametrize("which", ["ssd300", "tiny"])
-def test_box_iou_table_equals_dense_iou_bitwise(use_layout, which):
+def test_box_iou_table_equals_dense_iou_bitwise(which):
     anchors = ssd_default_boxes(**SSD300) if which == "ssd300" else tiny_ssd_anchors()
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(3, 5, 2, generator=g) * 0.8
     gt = torch.cat((xy, xy + 0.02 + torch.rand(3, 5, 2, generator=g) * 0.5), dim=-1)
     gt[1, 2] = torch.tensor([0.3, 0.3, 0.3, 0.6])  # zero width: IoU 0 everywhere
     valid = torch.tensor([[True] * 5, [True, True, True, False, False], [False] * 5])
-    layout = find_grid_layout(anchors) if use_layout else None
-    table = BoxIoUTable(gt, valid, anchors, layout)
+    table = BoxIoUTable(gt, valid, anchors)
     dense = pairwise_iou_batched(gt, anchors)
     b, gi = valid.nonzero(as_tuple=True)
     a = torch.arange(anchors.shape[0])
@@ -95,7 +42,7 @@ def test_box_iou_table_equals_dense_iou_bitwise(use_layout, which):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_book_rule_on_ssd300_anchors_equals_the_book(seed):
-    """The fast path (grid layout, candidates) against the book's own multibox_target."""
+    """The fast path (IoU table, candidates) against the book's own multibox_target."""
     from benchmarks.d2l_reference import multibox_target as book_multibox_target
     from src.detection.targets import TargetEncoder
 
