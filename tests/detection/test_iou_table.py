@@ -3,20 +3,11 @@ import torch
 
 from src.detection.anchors import grid_anchors, ssd_default_boxes
 from src.detection.matching import BoxIoUTable, pairwise_iou_batched
-
-SSD300 = dict(
-    feature_sizes=[38, 19, 10, 5, 3, 1],
-    image_size=300,
-    steps=[8, 16, 32, 64, 100, 300],
-    min_sizes=[30, 60, 111, 162, 213, 264],
-    max_sizes=[60, 111, 162, 213, 264, 315],
-    aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]],
-)
+from tests.detection.test_anchors import SSD300, TINY_MAPS, TINY_RATIOS, TINY_SIZES
 
 
 def tiny_ssd_anchors():
-    sizes = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
-    return grid_anchors([(32, 32), (16, 16), (8, 8), (4, 4), (1, 1)], sizes, [[1, 2, 0.5]] * 5)
+    return grid_anchors([(m, m) for m in TINY_MAPS], TINY_SIZES, TINY_RATIOS)
 
 
 @pytest.mark.parametrize("which", ["ssd300", "tiny"])
