@@ -70,6 +70,8 @@ Differences from the book, none of which arise with the book's own data:
 from __future__ import annotations
 
 import math
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -113,6 +115,43 @@ def _box_iou(
     return inter.div_(union.sub_(inter))
 
 
+class _AnchorColumns(NamedTuple):
+    """What the IoU needs of ``anchors[A, 4]`` (xyxy) in one dtype, computed once per anchors."""
+
+    x1: Tensor  # [A] contiguous
+    y1: Tensor
+    x2: Tensor
+    y2: Tensor
+    area: Tensor  # [A] (x2 - x1) * (y2 - y1)
+    proper: bool  # finite with positive sides, so that no union is 0
+
+
+# the last anchors seen: (weak reference, version counter, dtype, their columns)
+_last_anchors: tuple[weakref.ref[Tensor], int, torch.dtype, _AnchorColumns] | None = None
+
+
+def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
+    """:class:`_AnchorColumns` of ``anchors[A, 4]`` in ``dtype``.
+
+    Models pass the same cached anchors every step, so the last answer is kept while that tensor
+    lives unchanged (same object, same version counter, same dtype asked).
+    """
+    global _last_anchors
+    cached = _last_anchors
+    if (
+        cached is not None
+        and cached[0]() is anchors
+        and cached[1] == anchors._version
+        and cached[2] == dtype
+    ):
+        return cached[3]
+    x1, y1, x2, y2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))
+    proper = bool(torch.isfinite(anchors).all() and ((x2 > x1) & (y2 > y1)).all())
+    columns = _AnchorColumns(x1, y1, x2, y2, (x2 - x1) * (y2 - y1), proper)
+    _last_anchors = (weakref.ref(anchors), anchors._version, dtype, columns)
+    return columns
+
+
 class IoUTable:
     """Read access to the IoU of ``B x G`` ground truths with ``A`` anchors, for the matchers.
 
@@ -141,8 +180,12 @@ class IoUTable:
         raise NotImplementedError
 
     def row_chunk_max(self) -> Tensor:
-        """``Tensor[R, C]``: each row's maximum IoU within each chunk of anchors."""
-        return self.buffer.view(-1, self.num_chunks, self.chunk).amax(dim=2)
+        """``Tensor[R, C]``: each row's maximum IoU within each chunk of anchors (computed once)."""
+        cached = getattr(self, "_chunk_max", None)
+        if cached is None:
+            cached = self.buffer.view(-1, self.num_chunks, self.chunk).amax(dim=2)
+            self._chunk_max = cached
+        return cached
 
     def row_values(self, row: Tensor, a: Tensor) -> Tensor:
         """IoU at broadcastable int64 indices (row, anchor ``< C * chunk``)."""
@@ -208,7 +251,7 @@ class BoxIoUTable(IoUTable):
         if rows == 0 or num_anchors == 0:
             return
         gx1, gy1, gx2, gy2 = (c[:, None] for c in gt_boxes[b_idx, g_idx].to(dtype).unbind(-1))
-        ax1, ay1, ax2, ay2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))  # [A]
+        ax1, ay1, ax2, ay2, area_a, proper = _anchor_columns(anchors, dtype)  # [A] each
         # In place, the book's arithmetic: inter / (area_a + area_g - inter).
         inter = self.buffer[:rows, :num_anchors]  # [N, A] view
         torch.minimum(gx2, ax2, out=inter)
@@ -217,14 +260,13 @@ class BoxIoUTable(IoUTable):
         height = torch.minimum(gy2, ay2)
         height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
         inter.mul_(height)
-        union = torch.add((ax2 - ax1) * (ay2 - ay1), (gx2 - gx1) * (gy2 - gy1), out=tmp)
+        union = torch.add(area_a, (gx2 - gx1) * (gy2 - gy1), out=tmp)
         inter.div_(union.sub_(inter))
         # A union is > 0 (no NaN) when anchors have positive and boxes non-negative sides.
-        if not bool(
-            torch.isfinite(anchors).all()
-            and torch.isfinite(gt_boxes[b_idx, g_idx]).all()
-            and ((ax2 > ax1) & (ay2 > ay1)).all()
-            and ((gx2 >= gx1) & (gy2 >= gy1)).all()
+        if not (
+            proper
+            and bool(((gx2 >= gx1) & (gy2 >= gy1)).all())  # False for NaN
+            and bool(torch.isfinite(gx2 - gx1).all() and torch.isfinite(gy2 - gy1).all())
         ):
             inter.nan_to_num_(nan=0.0)
 
@@ -237,27 +279,32 @@ class BoxIoUTable(IoUTable):
         return best[: self.batch, : self.num_anchors]
 
 
-def first_k(table: IoUTable, k: int) -> Tensor:
+def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
     """Per row of ``table``, its first ``k`` anchors in the order (IoU desc, index asc).
 
     Args:
         table: the IoU.
         k: ``1 <= k <= A``.
+        rows: ``Tensor[R']`` int64, the rows to select for (default: all ``R`` rows).
 
     Returns:
-        ``Tensor[R, k]`` int64 anchor indices, ascending (a set, not a ranking); the row of
-        ground truth ``(b, g)`` is ``table.row_of[b, g]``.
+        ``Tensor[R, k]`` (or ``[R', k]``) int64 anchor indices, ascending (a set, not a
+        ranking); the row of ground truth ``(b, g)`` is ``table.row_of[b, g]``.
 
     """
     chunk_max = table.row_chunk_max()  # [R, C]
-    rows, num_chunks = chunk_max.shape
     device = chunk_max.device
-    if num_chunks > k:
-        chosen = _first_k(chunk_max, k)  # [R, k] ascending
+    if rows is None:
+        rows = torch.arange(chunk_max.shape[0], device=device)
     else:
-        chosen = torch.arange(num_chunks, device=device).expand(rows, num_chunks)
+        chunk_max = chunk_max[rows]
+    num_rows, num_chunks = chunk_max.shape
+    if num_chunks > k:
+        chosen = _first_k(chunk_max, k)  # [R', k] ascending
+    else:
+        chosen = torch.arange(num_chunks, device=device).expand(num_rows, num_chunks)
     ids = (chosen[..., None] * table.chunk + torch.arange(table.chunk, device=device)).flatten(1)
-    values = table.row_values(torch.arange(rows, device=device)[:, None], ids)  # ascending ids
+    values = table.row_values(rows[:, None], ids)  # ascending ids
     return ids.gather(1, _first_k(values, k))
 
 
@@ -323,14 +370,14 @@ def _threshold_matches(table: IoUTable, valid: Tensor, threshold: float) -> tupl
 
 
 class _ImageSubset(IoUTable):
-    """The rows of some images of another table (a copy of those rows, in the same order)."""
+    """Some images of another table: the same rows (shared, not copied) and chunk maxima."""
 
     def __init__(self, table: IoUTable, images: Tensor) -> None:
         self.batch, self.num_gt = int(images.shape[0]), table.num_gt
         self.num_anchors, self.chunk, self.width = table.num_anchors, table.chunk, table.width
-        rows, inverse = table.row_of[images].unique(return_inverse=True)  # sorted rows
-        self.row_of = inverse.view(self.batch, self.num_gt)
-        self.buffer = table.buffer[rows]
+        self.row_of = table.row_of[images]
+        self.buffer = table.buffer
+        self._chunk_max = table.row_chunk_max()
 
 
 def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
@@ -368,7 +415,8 @@ def _greedy_rounds(table: IoUTable, valid: Tensor) -> Tensor:
     batch, num_gt, num_anchors = table.batch, table.num_gt, table.num_anchors
     device = valid.device
     k = min(num_gt, num_anchors)
-    cand = first_k(table, k)[table.row_of]  # [B, G, k]
+    rows, inverse = table.row_of.unique(return_inverse=True)  # the rows of these images
+    cand = first_k(table, k, rows)[inverse]  # [B, G, k]
     # Columns of the small problem: the union of the candidates, sorted by anchor, no duplicates.
     sentinel = num_anchors
     cols = torch.where(valid[:, :, None], cand, sentinel).reshape(batch, num_gt * k)
@@ -406,16 +454,18 @@ def _apply(
 ) -> tuple[Tensor, Tensor]:
     """``matched[b, anchor_of_gt[b, g]] = g`` where ``assign[b, g]`` (anchors distinct).
 
+    ``matched`` is written in place: the callers pass the tensor they created in
+    :func:`_threshold_matches`, never one of their caller's.
+
     Returns:
-        the updated copy of ``matched[B, A]`` and the flat indices ``b * A + a`` of its matched
+        ``matched[B, A]`` (the same tensor) and the flat indices ``b * A + a`` of its matched
         anchors (``keys`` of the matches before, then those of the new ones; may repeat).
 
     """
     b_idx, g_idx = assign.nonzero(as_tuple=True)
     a_idx = anchor_of_gt[b_idx, g_idx]
-    out = matched.clone()
-    out[b_idx, a_idx] = g_idx
-    return out, torch.cat((keys, b_idx * matched.shape[1] + a_idx))
+    matched[b_idx, a_idx] = g_idx
+    return matched, torch.cat((keys, b_idx * matched.shape[1] + a_idx))
 
 
 def match_book_with_keys(

@@ -109,21 +109,21 @@ def pad_targets(
         labels_list.append(labels)
     if device is None:
         device = boxes_list[0].device if boxes_list else torch.device("cpu")
-    if dtype is None:
-        dtype = torch.float32
-        for boxes in boxes_list:
-            if boxes.is_floating_point():
-                dtype = torch.promote_types(dtype, boxes.dtype)
     counts = [b.shape[0] for b in boxes_list]
     g_max = max(counts, default=0)
+    all_boxes = torch.cat(boxes_list) if boxes_list else torch.zeros(0, 4)  # [N, 4], promoted
+    if dtype is None:
+        dtype = torch.promote_types(torch.float32, all_boxes.dtype)
+        if not dtype.is_floating_point:  # integer boxes
+            dtype = torch.float32
     out = torch.full((len(boxes_list), g_max, 5), -1.0, dtype=dtype, device=device)
     if g_max == 0:
         return out
     # one write for the whole batch: row (image i, slot j) for the j-th box of image i
     rows = torch.cat(
         (
-            torch.cat([t.to(device=device, dtype=dtype) for t in labels_list])[:, None],
-            torch.cat([t.to(device=device, dtype=dtype) for t in boxes_list]),
+            torch.cat(labels_list)[:, None].to(device=device, dtype=dtype),
+            all_boxes.to(device, dtype),
         ),
         dim=1,
     )  # [N, 5]
@@ -219,13 +219,15 @@ class TargetEncoder:
         valid = labels[..., 0] >= 0  # [B, G]
         table = BoxIoUTable(labels[..., 1:], valid, anchors)  # IoU of the valid rows
         matched, keys = self._match(table, valid, self.iou_threshold)  # [B, A], [P']
-        pos = matched >= 0
         dtype = torch.promote_types(self._dtype(anchors), labels.dtype)
         batch, num_anchors = matched.shape
         cls_labels = torch.zeros_like(matched)
         box_offsets = torch.zeros((batch, num_anchors, 4), dtype=dtype, device=anchors.device)
-        # Only the positive anchors (a few per object) are gathered and encoded.
-        keys = keys.unique()  # [P] the positive anchors, row-major (== pos.nonzero())
+        # Only the positive anchors (a few per object) are gathered and encoded. ``keys`` may
+        # name an anchor twice (matched by the threshold, then by the rule's second step); both
+        # copies read its final ground truth, so the repeated writes store equal values.
+        pos = torch.zeros((batch, num_anchors), dtype=torch.bool, device=anchors.device)
+        pos.view(-1)[keys] = True
         b_idx, a_idx = keys // num_anchors, keys % num_anchors
         g_idx = matched[b_idx, a_idx]
         cls_labels[b_idx, a_idx] = labels[b_idx, g_idx, 0].long() + 1
