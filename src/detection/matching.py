@@ -137,9 +137,12 @@ def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
     lives unchanged (same object, same version counter, same dtype asked).
     """
     global _last_anchors
+    # Inference tensors have no version counter: they are never cached.
+    trackable = not anchors.is_inference()
     cached = _last_anchors
     if (
-        cached is not None
+        trackable
+        and cached is not None
         and cached[0]() is anchors
         and cached[1] == anchors._version
         and cached[2] == dtype
@@ -148,7 +151,8 @@ def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
     x1, y1, x2, y2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))
     proper = bool(torch.isfinite(anchors).all() and ((x2 > x1) & (y2 > y1)).all())
     columns = _AnchorColumns(x1, y1, x2, y2, (x2 - x1) * (y2 - y1), proper)
-    _last_anchors = (weakref.ref(anchors), anchors._version, dtype, columns)
+    if trackable:
+        _last_anchors = (weakref.ref(anchors), anchors._version, dtype, columns)
     return columns
 
 

@@ -52,3 +52,29 @@ def test_book_rule_on_ssd300_anchors_equals_the_book(seed):
         assert torch.equal(out.cls_labels[i], classes[0])
         assert torch.equal(out.box_offsets[i].reshape(-1), offsets[0])
         assert torch.equal(out.pos_mask[i].repeat_interleave(4).float(), mask[0])
+
+
+def test_cached_anchor_columns_follow_in_place_changes_and_inference_tensors():
+    """The per-anchors cache must never serve stale columns (areas, the NaN guard)."""
+    from src.detection.targets import TargetEncoder
+
+    encoder = TargetEncoder()
+    targets = [{"boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6]]), "labels": torch.tensor([0])}]
+    anchors = tiny_ssd_anchors().clone()
+    first = encoder(anchors, targets)
+    assert torch.equal(encoder(anchors, targets).box_offsets, first.box_offsets)  # cache hit
+    anchors.mul_(0.5)  # in place: new version counter
+    assert torch.equal(
+        encoder(anchors, targets).box_offsets, encoder(anchors.clone(), targets).box_offsets
+    )
+    assert not torch.equal(encoder(anchors, targets).box_offsets, first.box_offsets)
+    # a degenerate anchor changes the IoU guard (no NaN reaches the matching)
+    anchors[0] = torch.tensor([0.2, 0.2, 0.2, 0.2])
+    out = encoder(anchors, targets)
+    assert out.matched_idx[0, 0] == -1 and torch.isfinite(out.box_offsets).all()
+    # inference tensors have no version counter: computed each time, same result
+    with torch.inference_mode():
+        frozen = tiny_ssd_anchors()
+        inside = [encoder(frozen, targets) for _ in range(2)]
+    for got in inside:
+        assert torch.equal(got.cls_labels, encoder(tiny_ssd_anchors(), targets).cls_labels)
