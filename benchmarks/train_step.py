@@ -48,6 +48,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks import d2l_reference as d2l  # noqa: E402
+from src.utils.config import register_resolvers  # noqa: E402
 from src.utils.malloc import reexec_with_malloc_tunables  # noqa: E402
 
 
@@ -111,8 +112,9 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def build_module(model: str = "tiny"):  # noqa: ANN201
+def build_module(model: str = "tiny", device: str = "cpu"):  # noqa: ANN201
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    register_resolvers()  # ${auto_channels_last:...} of the VGG16 backbones
     if model == "tiny":
         overrides, names = ["experiment=d2l_banana", "model.net.num_classes=1"], ["banana"]
     else:
@@ -122,6 +124,8 @@ def build_module(model: str = "tiny"):  # noqa: ANN201
             "backbone.pretrained=null",
             "model.net.num_classes=20",
             "model.scheduler=null",
+            # experiment=voc_ssd300 selects trainer=gpu; the accelerator decides the memory format
+            f"trainer.accelerator={'cpu' if device == 'cpu' else 'gpu'}",
         ]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/bench"])
@@ -232,7 +236,7 @@ def main_ssd300(args: argparse.Namespace, device: torch.device) -> None:
             tv_key = f"torchvision ssd300_vgg16 ({'bf16 autocast' if bf16 else 'float32'})"
             times = time_torchvision(tv_model, tv_opt, tv_images, tv_targets, n, device, bf16)
             results.setdefault(tv_key, []).extend(times[args.warmup :])
-            module = build_module("ssd300")
+            module = build_module("ssd300", device.type)
             times = time_module(module, batch, n, device, precision)
             results.setdefault(f"SSDLitModule ({precision})", []).extend(times[args.warmup :])
     _header(device, args)

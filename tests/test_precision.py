@@ -48,3 +48,51 @@ def test_auto_precision_follows_the_hardware() -> None:
     if not torch.cuda.is_available():
         assert auto_precision("auto") == expected
         assert auto_precision("gpu") == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("capability", "accelerator", "expected"),
+    [
+        ("AVX512", "cpu", True),
+        ("AVX2", "cpu", False),
+        ("DEFAULT", "cpu", False),
+        ("AVX2", "gpu", True),
+    ],
+)
+def test_auto_channels_last_follows_the_cpu(
+    capability: str, accelerator: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from src.utils.config import auto_channels_last
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert auto_channels_last(accelerator) is expected
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_memory_format_is_the_backbones_choice(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from src.utils.config import register_resolvers
+
+    register_resolvers()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    wide = capability == "AVX512"
+    for backbone, expected in (("tiny", True), ("vgg16", wide), ("vgg16_512", wide)):
+        overrides = [f"backbone={backbone}", "trainer.accelerator=cpu"]
+        cfg = compose_config("train", overrides)
+        assert cfg.model.channels_last is expected, backbone
+        cfg = compose_config("train", [*overrides, "model.channels_last=true"])
+        assert cfg.model.channels_last is True  # the user's choice wins
+    # a backbone option without the key keeps the old default
+    cfg = compose_config("train", ["trainer.accelerator=cpu"])
+    del cfg.backbone.channels_last
+    assert cfg.model.channels_last is True
+    cfg = compose_config(
+        "train", ["backbone=vgg16", "trainer.accelerator=cpu", "model.net.num_classes=2"]
+    )
+    module = instantiate(OmegaConf.to_container(cfg.model, resolve=True), class_names=None)
+    conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is wide

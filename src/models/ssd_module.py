@@ -78,8 +78,10 @@ class SSDLitModule(LightningModule):
             ``compute`` giving ``map_50`` and ``ap_per_class``) evaluated next to COCO mAP on the
             validation and test sets, with ``difficult`` objects ignored as the devkit does; None
             to skip it.
-        channels_last: run the net in ``torch.channels_last`` memory format (faster
-            convolutions on CPU and on GPU tensor cores; the weights and checkpoints are the same).
+        channels_last: run the net in ``torch.channels_last`` memory format (the weights and
+            checkpoints are the same). The configs let the backbone choose: faster for TinySSD
+            everywhere and for VGG16 on GPUs and AVX512 CPUs, slower for VGG16 on AVX2-only
+            CPUs (``src.utils.config.auto_channels_last``).
         init_from: initial weights for the net: a checkpoint of ``src.train`` (``.ckpt``), or an
             ``ssd.pytorch`` SSD300 state dict (keys ``vgg.*``, ``L2Norm.weight``, ``extras.*``,
             ``loc.*``, ``conf.*``), mapped onto this net by ``src.models.convert``.

@@ -72,6 +72,24 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
+def auto_channels_last(accelerator: str = "auto") -> bool:
+    """Whether wide convolution stacks (VGG16) should run in ``channels_last`` here.
+
+    ``True`` on GPUs and on CPUs with AVX512 (where oneDNN's channels-last kernels are the fast
+    ones); ``False`` on other CPUs: on a 2-core AMD EPYC with AVX2 only, the SSD300 net's
+    float32 forward + backward took 7.3 s in ``channels_last`` and 5.4 s in the default layout
+    (batch 4), while TinySSD was faster in ``channels_last`` there too (2.0 s vs 2.4 s), so the
+    ``tiny`` backbone keeps it everywhere.
+
+    Args:
+        accelerator: ``trainer.accelerator`` (``auto``, ``cpu``, ``gpu``/``cuda``).
+    """
+    name = str(accelerator).lower()
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        return True
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers once.
 
@@ -80,6 +98,8 @@ def register_resolvers() -> None:
       (``conf/trainer/ddp.yaml``).
     * ``${auto_precision:ACCELERATOR}``: ``bf16-mixed`` where the device computes bfloat16
       natively, else ``32-true`` (``conf/trainer/default.yaml``).
+    * ``${auto_channels_last:ACCELERATOR}``: the memory format of the VGG16 backbones
+      (:func:`auto_channels_last`, ``conf/backbone/vgg16.yaml``).
     * ``${run_name:RUN_DIR}``: a TensorBoard run name built from the run's overrides
       (``conf/logger/tensorboard.yaml``, :func:`src.utils.hparams.run_dir_name`).
     """
@@ -89,6 +109,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("gpu_only", _gpu_only)
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    if not OmegaConf.has_resolver("auto_channels_last"):
+        OmegaConf.register_new_resolver("auto_channels_last", auto_channels_last)
     # ${run_name:} (TensorBoard run names from the overrides) is registered when
     # src.utils.hparams is imported
     import src.utils.hparams  # noqa: F401

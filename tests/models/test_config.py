@@ -41,7 +41,8 @@ def n_params(module: torch.nn.Module) -> int:
 def test_backbone_node_keys(name: str) -> None:
     node = OmegaConf.load(CONF / f"{name}.yaml")
     assert set(node.keys()) == {
-        "name", "image_size", "pretrained", "pixel_mean", "pixel_std", "net", "anchors"
+        "name", "image_size", "pretrained", "channels_last", "pixel_mean", "pixel_std", "net",
+        "anchors",
     }  # fmt: skip
     assert node.name == name
     assert node.pretrained is None
