@@ -51,21 +51,27 @@ def test_auto_precision_follows_the_hardware() -> None:
 
 
 @pytest.mark.parametrize(
-    ("capability", "accelerator", "expected"),
+    ("capability", "accelerator", "precision", "expected"),
     [
-        ("AVX512", "cpu", True),
-        ("AVX2", "cpu", False),
-        ("DEFAULT", "cpu", False),
-        ("AVX2", "gpu", True),
+        ("AVX512", "cpu", "32-true", True),
+        ("AVX2", "cpu", "32-true", False),
+        ("AVX2", "cpu", 32, False),
+        ("DEFAULT", "cpu", "32-true", False),
+        ("AVX2", "cpu", "bf16-mixed", True),
+        ("AVX2", "gpu", "32-true", True),
     ],
 )
-def test_auto_channels_last_follows_the_cpu(
-    capability: str, accelerator: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+def test_auto_channels_last_follows_the_cpu_and_precision(
+    capability: str,
+    accelerator: str,
+    precision: object,
+    expected: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from src.utils.config import auto_channels_last
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert auto_channels_last(accelerator) is expected
+    assert auto_channels_last(accelerator, precision) is expected
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
@@ -82,8 +88,10 @@ def test_memory_format_is_the_backbones_choice(
     wide = capability == "AVX512"
     for backbone, expected in (("tiny", True), ("vgg16", wide), ("vgg16_512", wide)):
         overrides = [f"backbone={backbone}", "trainer.accelerator=cpu"]
-        cfg = compose_config("train", overrides)
+        cfg = compose_config("train", [*overrides, "trainer.precision=32-true"])
         assert cfg.model.channels_last is expected, backbone
+        cfg = compose_config("train", [*overrides, "trainer.precision=bf16-mixed"])
+        assert cfg.model.channels_last is True, backbone
         cfg = compose_config("train", [*overrides, "model.channels_last=true"])
         assert cfg.model.channels_last is True  # the user's choice wins
     # a backbone option without the key keeps the old default
@@ -91,7 +99,13 @@ def test_memory_format_is_the_backbones_choice(
     del cfg.backbone.channels_last
     assert cfg.model.channels_last is True
     cfg = compose_config(
-        "train", ["backbone=vgg16", "trainer.accelerator=cpu", "model.net.num_classes=2"]
+        "train",
+        [
+            "backbone=vgg16",
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            "model.net.num_classes=2",
+        ],
     )
     module = instantiate(OmegaConf.to_container(cfg.model, resolve=True), class_names=None)
     conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))

@@ -80,8 +80,8 @@ class SSDLitModule(LightningModule):
             to skip it.
         channels_last: run the net in ``torch.channels_last`` memory format (the weights and
             checkpoints are the same). The configs let the backbone choose: faster for TinySSD
-            everywhere and for VGG16 on GPUs and AVX512 CPUs, slower for VGG16 on AVX2-only
-            CPUs (``src.utils.config.auto_channels_last``).
+            everywhere and for VGG16 on GPUs, AVX512 CPUs and at 16-bit precision, slower for
+            VGG16 in float32 on AVX2-only CPUs (``src.utils.config.auto_channels_last``).
         init_from: initial weights for the net: a checkpoint of ``src.train`` (``.ckpt``), or an
             ``ssd.pytorch`` SSD300 state dict (keys ``vgg.*``, ``L2Norm.weight``, ``extras.*``,
             ``loc.*``, ``conf.*``), mapped onto this net by ``src.models.convert``.
