@@ -264,13 +264,15 @@ class BoxIoUTable(IoUTable):
         height = torch.minimum(gy2, ay2)
         height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
         inter.mul_(height)
-        union = torch.add(area_a, (gx2 - gx1) * (gy2 - gy1), out=tmp)
+        area_g = (gx2 - gx1) * (gy2 - gy1)  # [N, 1]
+        union = torch.add(area_a, area_g, out=tmp)
         inter.div_(union.sub_(inter))
-        # A union is > 0 (no NaN) when anchors have positive and boxes non-negative sides.
+        # A union is > 0 (no NaN) when anchors have positive and boxes non-negative, finite
+        # sides (an infinite side makes the area inf or NaN; a NaN coordinate fails ``>=``).
         if not (
             proper
-            and bool(((gx2 >= gx1) & (gy2 >= gy1)).all())  # False for NaN
-            and bool(torch.isfinite(gx2 - gx1).all() and torch.isfinite(gy2 - gy1).all())
+            and bool(((gx2 >= gx1) & (gy2 >= gy1)).all())
+            and bool(torch.isfinite(area_g).all())
         ):
             inter.nan_to_num_(nan=0.0)
 

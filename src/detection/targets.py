@@ -112,10 +112,8 @@ def pad_targets(
     counts = [b.shape[0] for b in boxes_list]
     g_max = max(counts, default=0)
     all_boxes = torch.cat(boxes_list) if boxes_list else torch.zeros(0, 4)  # [N, 4], promoted
-    if dtype is None:
+    if dtype is None:  # float32, or the boxes' wider float dtype (integer boxes: float32)
         dtype = torch.promote_types(torch.float32, all_boxes.dtype)
-        if not dtype.is_floating_point:  # integer boxes
-            dtype = torch.float32
     out = torch.full((len(boxes_list), g_max, 5), -1.0, dtype=dtype, device=device)
     if g_max == 0:
         return out

@@ -33,11 +33,15 @@ def set_project_root() -> None:
     register_resolvers()
 
 
-def _gpu_only(value: Any, accelerator: str) -> Any:
-    """``value`` where ``accelerator`` runs on a GPU (``gpu``, ``cuda``, or ``auto`` with CUDA)."""
+def _on_gpu(accelerator: str) -> bool:
+    """Whether ``accelerator`` runs on a GPU (``gpu``, ``cuda``, or ``auto`` with CUDA)."""
     name = str(accelerator).lower()
-    on_gpu = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
-    return value if on_gpu else False
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+def _gpu_only(value: Any, accelerator: str) -> Any:
+    """``value`` where ``accelerator`` runs on a GPU (:func:`_on_gpu`), else ``False``."""
+    return value if _on_gpu(accelerator) else False
 
 
 def cpu_has_native_bf16() -> bool:
@@ -63,11 +67,10 @@ def auto_precision(accelerator: str = "auto") -> str:
     Args:
         accelerator: ``trainer.accelerator`` (``auto``, ``cpu``, ``gpu``/``cuda``).
     """
-    name = str(accelerator).lower()
-    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+    if _on_gpu(accelerator):
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return "bf16-mixed" if ok else "32-true"
-    if name in ("cpu", "auto"):
+    if str(accelerator).lower() in ("cpu", "auto"):
         return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "32-true"
 
@@ -87,10 +90,7 @@ def auto_channels_last(accelerator: str = "auto", precision: Any = "32-true") ->
         accelerator: ``trainer.accelerator`` (``auto``, ``cpu``, ``gpu``/``cuda``).
         precision: ``trainer.precision`` (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
     """
-    name = str(accelerator).lower()
-    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
-        return True
-    if "16" in str(precision):
+    if _on_gpu(accelerator) or "16" in str(precision):
         return True
     return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
 
@@ -103,7 +103,7 @@ def register_resolvers() -> None:
       (``conf/trainer/ddp.yaml``).
     * ``${auto_precision:ACCELERATOR}``: ``bf16-mixed`` where the device computes bfloat16
       natively, else ``32-true`` (``conf/trainer/default.yaml``).
-    * ``${auto_channels_last:ACCELERATOR}``: the memory format of the VGG16 backbones
+    * ``${auto_channels_last:ACCELERATOR,PRECISION}``: the memory format of the VGG16 backbones
       (:func:`auto_channels_last`, ``conf/backbone/vgg16.yaml``).
     * ``${run_name:RUN_DIR}``: a TensorBoard run name built from the run's overrides
       (``conf/logger/tensorboard.yaml``, :func:`src.utils.hparams.run_dir_name`).
