@@ -88,10 +88,15 @@ class BoxCoder:
             ``(l_x, l_y, l_w, l_h)``. Inputs are not modified.
 
         """
-        c_anc = box_xyxy_to_cxcywh(_as_float(anchors))
-        c_box = box_xyxy_to_cxcywh(_as_float(boxes))
-        offset_xy = self._scale_xy * (c_box[..., :2] - c_anc[..., :2]) / c_anc[..., 2:]
-        offset_wh = self._scale_wh * torch.log(self.eps + c_box[..., 2:] / c_anc[..., 2:])
+        anchors, boxes = _as_float(anchors), _as_float(boxes)
+        # cxcywh from the corner pairs, element by element as ``box_convert`` (centre
+        # ``(x1 + x2) / 2``, size ``x2 - x1``) but without its unbind/stack (the encoder runs on
+        # a few thousand matched rows per batch, where each operation's overhead dominates).
+        a_min, a_max = anchors[..., :2], anchors[..., 2:]
+        b_min, b_max = boxes[..., :2], boxes[..., 2:]
+        a_size = a_max - a_min
+        offset_xy = self._scale_xy * ((b_min + b_max) / 2 - (a_min + a_max) / 2) / a_size
+        offset_wh = self._scale_wh * torch.log(self.eps + (b_max - b_min) / a_size)
         return torch.cat((offset_xy, offset_wh), dim=-1)
 
     def decode(self, offsets: Tensor, anchors: Tensor) -> Tensor:

@@ -161,9 +161,9 @@ class IoUTable:
 
     The IoU is stored as ``R`` rows of ``C * chunk`` anchors (``C = ceil(A / chunk)`` chunks of
     consecutive anchors; an anchor index ``a >= A`` reads as IoU ``-1``); ``row_of[b, g]`` is the
-    row of ground truth ``g`` of image ``b`` (rows of padding ground truths may hold anything:
-    the matchers mask them). Subclasses: :class:`DenseIoUTable` (a given ``[B, G, A]`` matrix)
-    and :class:`BoxIoUTable` (computed from boxes, valid rows only).
+    row of ground truth ``g`` of image ``b``. Rows of padding ground truths read 0, below every
+    threshold, and the other steps mask them. Subclasses: :class:`DenseIoUTable` (a given
+    ``[B, G, A]`` matrix) and :class:`BoxIoUTable` (computed from boxes, valid rows only).
     """
 
     batch: int
@@ -172,16 +172,14 @@ class IoUTable:
     chunk: int
     width: int  # C * chunk
     row_of: Tensor  # [B, G] int64
+    row_image: Tensor  # [R] int64: the image of each row (padding rows: any value)
+    row_gt: Tensor  # [R] int64: the ground truth of each row (padding rows: any value)
     buffer: Tensor  # [R, C * chunk] float, -1 past the last anchor
 
     @property
     def num_chunks(self) -> int:
         """``C = ceil(A / chunk)``."""
         return -(-self.num_anchors // self.chunk)
-
-    def best_per_anchor(self) -> Tensor:
-        """``Tensor[B, A]``: each anchor's maximum IoU over the valid ground truths (>= 0)."""
-        raise NotImplementedError
 
     def row_chunk_max(self) -> Tensor:
         """``Tensor[R, C]``: each row's maximum IoU within each chunk of anchors (computed once)."""
@@ -217,10 +215,8 @@ class DenseIoUTable(IoUTable):
         torch.where(valid[:, :, None], iou, torch.zeros((), dtype=iou.dtype), out=view)
         view.nan_to_num_(nan=0.0)
         self.buffer = padded.view(self.batch * self.num_gt, self.width)
-
-    def best_per_anchor(self) -> Tensor:  # noqa: D102
-        padded = self.buffer.view(self.batch, self.num_gt, self.width)
-        return padded[..., : self.num_anchors].amax(dim=1)
+        self.row_image = self.row_of.flatten() // max(self.num_gt, 1)
+        self.row_gt = self.row_of.flatten() % max(self.num_gt, 1)
 
 
 class BoxIoUTable(IoUTable):
@@ -249,6 +245,7 @@ class BoxIoUTable(IoUTable):
         self.row_of = torch.full((self.batch, self.num_gt), rows, dtype=torch.long, device=device)
         self.row_of[b_idx, g_idx] = torch.arange(rows, device=device)
         self.row_image = torch.cat((b_idx, b_idx.new_full((1,), self.batch)))  # [N + 1]
+        self.row_gt = torch.cat((g_idx, g_idx.new_zeros(1)))  # [N + 1]
         self.buffer = torch.empty((rows + 1, width), dtype=dtype, device=device)
         self.buffer[rows].zero_()  # the padding row
         self.buffer[:, num_anchors:] = -1.0  # the end of the last chunk
@@ -275,14 +272,6 @@ class BoxIoUTable(IoUTable):
             and bool(torch.isfinite(area_g).all())
         ):
             inter.nan_to_num_(nan=0.0)
-
-    def best_per_anchor(self) -> Tensor:  # noqa: D102
-        best = torch.zeros(
-            (self.batch + 1, self.width), dtype=self.buffer.dtype, device=self.buffer.device
-        )
-        index = self.row_image[:, None].expand_as(self.buffer)
-        best.scatter_reduce_(0, index, self.buffer, "amax")  # max over each image's rows
-        return best[: self.batch, : self.num_anchors]
 
 
 def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
@@ -357,22 +346,57 @@ _PACKABLE = {
 def _threshold_matches(table: IoUTable, valid: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Step 1 of both rules: anchors with best IoU ``>= threshold`` take their first-argmax gt.
 
+    Only the IoU entries ``>= threshold`` can decide (an anchor that passes has its best entry
+    among them), and they lie in the chunks whose maximum reaches the threshold: those chunks are
+    gathered (``[K, S]``, a few percent of the table), their passing entries found, and each
+    anchor takes the entry with the largest IoU, the lowest ground truth among ties (rows are
+    ordered by ground truth within an image). Padding rows read 0 and never pass.
+
     Returns:
         ``matched[B, A]`` int64 and the flat indices ``b * A + a`` of its matched anchors.
 
     """
-    matched = torch.full(
-        (table.batch, table.num_anchors), -1, dtype=torch.long, device=valid.device
-    )
-    if table.num_gt == 0 or table.num_anchors == 0:
+    batch, num_anchors, chunk = table.batch, table.num_anchors, table.chunk
+    matched = torch.full((batch, num_anchors), -1, dtype=torch.long, device=valid.device)
+    if table.num_gt == 0 or num_anchors == 0:
         return matched, matched.new_zeros(0)
-    best = table.best_per_anchor()  # [B, A]
-    b_idx, a_idx = (best >= threshold).nonzero(as_tuple=True)  # [P] each
-    gts = torch.arange(table.num_gt, device=valid.device)
-    values = table.values(b_idx[:, None], gts[None, :], a_idx[:, None])  # [P, G]
-    values = values.masked_fill(~valid[b_idx], -1.0)
-    matched[b_idx, a_idx] = values.max(dim=1).indices  # first maximum: the lowest gt
-    return matched, b_idx * table.num_anchors + a_idx
+    row, chunk_id = (table.row_chunk_max() >= threshold).nonzero(as_tuple=True)  # [K] each
+    values = table.buffer.view(-1, table.num_chunks, chunk)[row, chunk_id]  # [K, S]
+    k, s = (values >= threshold).nonzero(as_tuple=True)  # [E] passing entries
+    value, row = values[k, s], row[k]
+    key = table.row_image[row] * num_anchors + chunk_id[k] * chunk + s  # b * A + a, [E]
+    win = _first_max_per_key(key, value, row, batch * num_anchors)  # [E] one per anchor
+    keys = key[win]
+    matched.view(-1)[keys] = table.row_gt[row[win]]
+    return matched, keys
+
+
+def _first_max_per_key(key: Tensor, value: Tensor, order: Tensor, size: int) -> Tensor:
+    """Per key, the entry with the largest value, the lowest ``order`` among equal values.
+
+    Args:
+        key: ``Tensor[E]`` int64 in ``[0, size)``.
+        value: ``Tensor[E]`` float, ``> 0`` (no NaN).
+        order: ``Tensor[E]`` int64 in ``[0, 2**31)``, distinct within a key.
+        size: the number of possible keys.
+
+    Returns:
+        ``Tensor[E]`` bool, ``True`` at exactly one entry of each key present.
+
+    """
+    bits = _PACKABLE.get(value.dtype)
+    if bits is not None:
+        # One scatter on int64 composites (value bits, then -order), unique within a key:
+        # positive floats order like their bit patterns.
+        composite = value.view(bits[0]).long() * 2**32 + (2**32 - 1 - order)
+        best = torch.zeros(size, dtype=torch.long, device=key.device)
+        return composite == best.scatter_reduce_(0, key, composite, "amax")[key]
+    best_value = torch.zeros(size, dtype=value.dtype, device=key.device)
+    top = value == best_value.scatter_reduce_(0, key, value, "amax")[key]
+    later = 2**31  # beyond every order: entries below their key's maximum
+    first = torch.full((size,), later, dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, key, torch.where(top, order, later), "amin")
+    return top & (order == first[key])
 
 
 class _ImageSubset(IoUTable):
@@ -429,29 +453,23 @@ def _greedy_rounds(table: IoUTable, valid: Tensor) -> Tensor:
     cols = cols.sort(dim=1).values  # [B, M]
     closed = cols == sentinel
     closed[:, 1:] |= cols[:, 1:] == cols[:, :-1]
-    jac = table.values(
-        torch.arange(batch, device=device)[:, None, None],
-        torch.arange(num_gt, device=device)[None, :, None],
-        cols.clamp(max=num_anchors - 1)[:, None, :],
-    )
-    jac = jac.masked_fill(closed[:, None, :] | ~valid[:, :, None], -1.0)  # [B, G, M]
+    jac = table.row_values(table.row_of[:, :, None], cols.clamp(max=num_anchors - 1)[:, None, :])
+    jac.masked_fill_(closed[:, None, :] | ~valid[:, :, None], -1.0)  # [B, G, M], a new tensor
 
     # Rounds of mutual best pairs (== the sequential greedy, see the module docstring). Entries
     # >= 0 are exactly the open rows and columns: closed ones are all -1.
-    gt_ids = torch.arange(num_gt, device=device)[None, :]  # [1, G]
-    col_ids = torch.arange(cols.shape[1], device=device)[None, :]  # [1, M]
+    gt_ids = torch.arange(num_gt, device=device)  # [G]
+    col_ids = torch.arange(cols.shape[1], device=device)  # [M]
     taken = torch.full((batch, num_gt), -1, dtype=torch.long, device=device)
     for _ in range(num_gt):  # at least one pair per round while any remains: <= G rounds
-        best_col = jac.max(dim=2).indices  # [B, G] first argmax of each gt over candidates
-        best_gt = jac.max(dim=1).indices  # [B, M] first argmax of each candidate over gts
-        gt_value = jac.gather(2, best_col[:, :, None]).squeeze(2)  # [B, G]
+        gt_value, best_col = jac.max(dim=2)  # [B, G] first argmax of each gt over candidates
+        col_value, best_gt = jac.max(dim=1)  # [B, M] first argmax of each candidate over gts
         gt_mutual = (best_gt.gather(1, best_col) == gt_ids) & (gt_value >= 0)
         if not bool(gt_mutual.any()):
             break
-        col_value = jac.gather(1, best_gt[:, None, :]).squeeze(1)  # [B, M]
         col_mutual = (best_col.gather(1, best_gt) == col_ids) & (col_value >= 0)
         taken = torch.where(gt_mutual, best_col, taken)
-        jac = jac.masked_fill(gt_mutual[:, :, None] | col_mutual[:, None, :], -1.0)
+        jac.masked_fill_(gt_mutual[:, :, None] | col_mutual[:, None, :], -1.0)
     return torch.where(taken >= 0, cols.gather(1, taken.clamp(min=0)), -1)
 
 

@@ -23,9 +23,11 @@ def test_box_iou_table_equals_dense_iou_bitwise(which):
     b, gi = valid.nonzero(as_tuple=True)
     a = torch.arange(anchors.shape[0])
     assert torch.equal(table.values(b[:, None], gi[:, None], a[None, :]), dense[b, gi])
-    # the per-anchor maximum over each image's valid rows
-    masked = dense.masked_fill(~valid[..., None], 0.0)
-    assert torch.equal(table.best_per_anchor(), masked.amax(dim=1))
+    # each row knows its image and ground truth; the padding rows read 0
+    rows = table.row_of[b, gi]
+    assert torch.equal(table.row_image[rows], b) and torch.equal(table.row_gt[rows], gi)
+    padding = table.row_of[~valid]
+    assert (table.buffer[padding, : anchors.shape[0]] == 0).all()
     # past the last anchor (both anchor sets end inside a chunk) reads as -1
     assert table.width > anchors.shape[0]
     assert table.values(b[:1], gi[:1], torch.tensor([table.width - 1])).tolist() == [-1.0]

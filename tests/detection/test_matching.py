@@ -217,3 +217,30 @@ def test_batch_mixing_distinct_and_shared_best_anchors_equals_the_sequential_gre
     taken = _greedy_on_candidates(BoxIoUTable(gt, valid, anchors), valid)
     assert taken[2, 2] == -1 and taken[0].tolist() == best[0].tolist()
     assert len(set(taken[1].tolist())) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_first_max_per_key_ties_take_the_lowest_order(dtype):
+    """Both code paths (packed composites; two scatters for float64) pick the same entries."""
+    from src.detection.matching import _first_max_per_key
+
+    key = torch.tensor([3, 3, 3, 0, 5, 5, 0])
+    value = torch.tensor([0.5, 0.75, 0.75, 0.25, 1.0, 1.0, 0.125], dtype=dtype)
+    order = torch.tensor([0, 4, 2, 7, 1, 0, 9])
+    win = _first_max_per_key(key, value, order, size=6)
+    # key 3: 0.75 twice, order 2 first; key 0: 0.25 beats 0.125; key 5: 1.0 twice, order 0
+    assert win.tolist() == [False, False, True, True, False, True, False]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float64_iou_gives_the_float32_assignment_with_ties(seed):
+    g = torch.Generator().manual_seed(80 + seed)
+    iou = quantised_iou(5, 6, 50, g, levels=4)  # exact in both dtypes
+    valid = torch.rand(5, 6, generator=g) < 0.8
+    expected = match_anchors_batched(iou, valid)
+    assert torch.equal(match_anchors_batched(iou.double(), valid), expected)
+    for b in range(5):
+        keep = valid[b].nonzero().reshape(-1)
+        if keep.numel():
+            ref = sequential_reference(iou[b, keep])
+            assert torch.equal(expected[b], torch.where(ref >= 0, keep[ref.clamp(min=0)], -1))
