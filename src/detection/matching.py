@@ -21,11 +21,12 @@ every anchor, the index of its ground truth or ``-1`` (background).
 
 **How it is computed.** A few tensor operations over the whole batch (see
 :class:`BoxIoUTable`): the IoU is computed for the valid ground truths only (``[N, A]``, in
-place), and the only other full passes are the per-anchor maximum over
-each image's ground truths and per-chunk maxima (``A`` is cut into chunks of ``S`` anchors):
+place), and the only other full pass takes per-chunk maxima (``A`` is cut into chunks of ``S``
+anchors):
 
-* *threshold step*: only the per-anchor maximum is needed everywhere; the argmax is taken just
-  at the anchors that reach the threshold (a small ``[P, G]`` lookup);
+* *threshold step*: an anchor that reaches the threshold has its best entry among the entries
+  ``>= threshold``, which lie in the chunks whose maximum reaches it; only those chunks are read
+  (a few percent of the table), and one scatter picks each anchor's first maximum;
 * *best anchors of a ground truth*: the first ``k`` entries of a row in the order
   ``(value descending, anchor ascending)`` lie in the first ``k`` chunks in the order
   ``(chunk maximum descending, chunk ascending)`` (if an entry's chunk is not among them, ``k``
