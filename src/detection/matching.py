@@ -427,10 +427,12 @@ def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
 
     """
     best = first_k(table, 1)[table.row_of, 0]  # [B, G] first argmax (4x faster than argmax)
-    pairs = (best[:, :, None] == best[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    shared = pairs.sum(dim=(1, 2)) > valid.sum(dim=1)  # [B] two valid gts share a best anchor
-    taken = torch.where(valid, best, -1)
-    images = shared.nonzero()[:, 0]
+    # padding ground truths get distinct negative keys, so that they never pair
+    gts = torch.arange(table.num_gt, device=valid.device)
+    key = torch.where(valid, best, -1 - gts)
+    shared = (key[:, :, None] == key[:, None, :]).sum(dim=(1, 2)) > table.num_gt  # [B]
+    taken = key.clamp(min=-1)
+    images = shared.nonzero()[:, 0]  # images where two valid gts share a best anchor
     if images.numel() > 0:
         taken[images] = _greedy_rounds(_ImageSubset(table, images), valid[images])
     return taken
@@ -462,14 +464,19 @@ def _greedy_rounds(table: IoUTable, valid: Tensor) -> Tensor:
     gt_ids = torch.arange(num_gt, device=device)  # [G]
     col_ids = torch.arange(cols.shape[1], device=device)  # [M]
     taken = torch.full((batch, num_gt), -1, dtype=torch.long, device=device)
+    open_gts = int(valid.sum())  # with A >= G every valid gt is assigned, one round less
     for _ in range(num_gt):  # at least one pair per round while any remains: <= G rounds
         gt_value, best_col = jac.max(dim=2)  # [B, G] first argmax of each gt over candidates
         col_value, best_gt = jac.max(dim=1)  # [B, M] first argmax of each candidate over gts
         gt_mutual = (best_gt.gather(1, best_col) == gt_ids) & (gt_value >= 0)
-        if not bool(gt_mutual.any()):
+        pairs = int(gt_mutual.sum())
+        if pairs == 0:
+            break
+        taken = torch.where(gt_mutual, best_col, taken)
+        open_gts -= pairs
+        if open_gts == 0:
             break
         col_mutual = (best_col.gather(1, best_gt) == col_ids) & (col_value >= 0)
-        taken = torch.where(gt_mutual, best_col, taken)
         jac.masked_fill_(gt_mutual[:, :, None] | col_mutual[:, None, :], -1.0)
     return torch.where(taken >= 0, cols.gather(1, taken.clamp(min=0)), -1)
 

@@ -117,7 +117,7 @@ def pad_targets(
     out = torch.full((len(boxes_list), g_max, 5), -1.0, dtype=dtype, device=device)
     if g_max == 0:
         return out
-    # one write for the whole batch: row (image i, slot j) for the j-th box of image i
+    # one write for the whole batch: the first G_i slots of image i, image-major like the rows
     rows = torch.cat(
         (
             torch.cat(labels_list)[:, None].to(device=device, dtype=dtype),
@@ -125,10 +125,8 @@ def pad_targets(
         ),
         dim=1,
     )  # [N, 5]
-    sizes = torch.tensor(counts, device=device)
-    image = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes)
-    slot = torch.arange(rows.shape[0], device=device) - (sizes.cumsum(0) - sizes)[image]
-    out[image, slot] = rows
+    filled = torch.arange(g_max, device=device) < torch.tensor(counts, device=device)[:, None]
+    out[filled] = rows
     return out
 
 
@@ -227,10 +225,10 @@ class TargetEncoder:
         pos = torch.zeros((batch, num_anchors), dtype=torch.bool, device=anchors.device)
         pos.view(-1)[keys] = True
         b_idx, a_idx = keys // num_anchors, keys % num_anchors
-        g_idx = matched[b_idx, a_idx]
-        cls_labels[b_idx, a_idx] = labels[b_idx, g_idx, 0].long() + 1
-        offsets = self.coder.encode(labels[b_idx, g_idx, 1:], anchors[a_idx])  # [P, 4]
-        box_offsets[b_idx, a_idx] = offsets.to(dtype)
+        rows = labels.reshape(-1, 5)[b_idx * labels.shape[1] + matched.view(-1)[keys]]  # [P, 5]
+        cls_labels.view(-1)[keys] = rows[:, 0].long() + 1
+        offsets = self.coder.encode(rows[:, 1:], anchors[a_idx])  # [P, 4]
+        box_offsets.view(-1, 4)[keys] = offsets.to(dtype)
         return MultiboxTargets(cls_labels, box_offsets, pos, matched)
 
     def __repr__(self) -> str:
