@@ -149,7 +149,8 @@ def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
         and cached[2] == dtype
     ):
         return cached[3]
-    x1, y1, x2, y2 = (c.contiguous() for c in anchors.to(dtype).unbind(-1))
+    # + 0.0: no -0.0 coordinate, so that no IoU is -0.0 (see ``BoxIoUTable.nonnegative``)
+    x1, y1, x2, y2 = (c + 0.0 for c in anchors.to(dtype).unbind(-1))
     proper = bool(torch.isfinite(anchors).all() and ((x2 > x1) & (y2 > y1)).all())
     columns = _AnchorColumns(x1, y1, x2, y2, (x2 - x1) * (y2 - y1), proper)
     if trackable:
@@ -176,6 +177,8 @@ class IoUTable:
     row_image: Tensor  # [R] int64: the image of each row (padding rows: any value)
     row_gt: Tensor  # [R] int64: the ground truth of each row (padding rows: any value)
     buffer: Tensor  # [R, C * chunk] float, -1 past the last anchor
+    #: every IoU is +0.0 or positive (then -1, past the last anchor, is the only negative value)
+    nonnegative: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -225,7 +228,10 @@ class BoxIoUTable(IoUTable):
 
     Only the ``N`` valid rows are computed, in place in one ``[N + 1, C * S]`` buffer (the last
     row, all zeros, stands for every padding row); values are bit-identical to the book's
-    ``box_iou`` (NaN, from an empty union, becomes 0).
+    ``box_iou`` (NaN, from an empty union, becomes 0), except that a zero IoU is always +0.0
+    (a ``-0.0`` coordinate is read as +0.0, the same number). ``nonnegative`` is True when the
+    boxes are proper (finite, non-negative sides; anchors with positive sides): then every IoU is
+    +0.0 or positive and no NaN arises.
     """
 
     def __init__(
@@ -252,7 +258,8 @@ class BoxIoUTable(IoUTable):
         self.buffer[:, num_anchors:] = -1.0  # the end of the last chunk
         if rows == 0 or num_anchors == 0:
             return
-        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt_boxes[b_idx, g_idx].to(dtype).unbind(-1))
+        gt = gt_boxes[b_idx, g_idx].to(dtype) + 0.0  # [N, 4], -0.0 coordinates become +0.0
+        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt.unbind(-1))
         ax1, ay1, ax2, ay2, area_a, proper = _anchor_columns(anchors, dtype)  # [A] each
         # In place, the book's arithmetic: inter / (area_a + area_g - inter).
         inter = self.buffer[:rows, :num_anchors]  # [N, A] view
@@ -267,11 +274,12 @@ class BoxIoUTable(IoUTable):
         inter.div_(union.sub_(inter))
         # A union is > 0 (no NaN) when anchors have positive and boxes non-negative, finite
         # sides (an infinite side makes the area inf or NaN; a NaN coordinate fails ``>=``).
-        if not (
-            proper
-            and bool(((gx2 >= gx1) & (gy2 >= gy1)).all())
-            and bool(torch.isfinite(area_g).all())
-        ):
+        # Then also inter >= +0.0 (clamped, no -0.0 input) over a union > 0: every IoU is +0.0
+        # or positive.
+        self.nonnegative = proper and bool(
+            (torch.isfinite(area_g) & (gx2 >= gx1) & (gy2 >= gy1)).all()
+        )
+        if not self.nonnegative:
             inter.nan_to_num_(nan=0.0)
 
 
@@ -295,16 +303,17 @@ def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
     else:
         chunk_max = chunk_max[rows]
     num_rows, num_chunks = chunk_max.shape
+    sorted_bits = table.nonnegative
     if num_chunks > k:
-        chosen = _first_k(chunk_max, k)  # [R', k] ascending
+        chosen = _first_k(chunk_max, k, sorted_bits)  # [R', k] ascending
     else:
         chosen = torch.arange(num_chunks, device=device).expand(num_rows, num_chunks)
     ids = (chosen[..., None] * table.chunk + torch.arange(table.chunk, device=device)).flatten(1)
     values = table.row_values(rows[:, None], ids)  # ascending ids
-    return ids.gather(1, _first_k(values, k))
+    return ids.gather(1, _first_k(values, k, sorted_bits))
 
 
-def _first_k(values: Tensor, k: int) -> Tensor:
+def _first_k(values: Tensor, k: int, sorted_bits: bool = False) -> Tensor:
     """Positions of the first ``k`` entries of each row in the order (value desc, position asc).
 
     Exact with ties (``torch.topk`` alone does not say which of equal values it keeps).
@@ -312,6 +321,10 @@ def _first_k(values: Tensor, k: int) -> Tensor:
     Args:
         values: ``Tensor[..., N]`` float without NaN.
         k: ``1 <= k <= N``.
+        sorted_bits: the caller knows that the values' bit patterns, read as signed integers,
+            order them: no ``-0.0`` and at most one distinct negative value (an
+            :class:`IoUTable` with ``nonnegative``, whose only negative value is the ``-1``
+            past the last anchor). Saves the sign handling.
 
     Returns:
         ``Tensor[..., k]`` int64 positions, ascending.
@@ -320,14 +333,18 @@ def _first_k(values: Tensor, k: int) -> Tensor:
     if k == 1:
         return values.argmax(dim=-1, keepdim=True)  # the first maximum
     size = values.shape[-1]
-    position = torch.arange(size, device=values.device)
     bits = _PACKABLE.get(values.dtype)
     if bits is not None and size <= 2**31:
         # One topk on unique int64 keys: (value as an order-preserving integer, -position).
-        raw = (values + 0.0).view(bits[0]).long()  # + 0.0 turns -0.0 into +0.0
-        ordered = torch.where(raw < 0, raw ^ bits[1], raw)  # negative floats: reverse order
-        key = ordered * 2**32 + (2**32 - 1 - position)
+        backwards = torch.arange(2**32 - 1, 2**32 - 1 - size, -1, device=values.device)
+        if sorted_bits:
+            ordered = values.view(bits[0]).long()
+        else:
+            raw = (values + 0.0).view(bits[0]).long()  # + 0.0 turns -0.0 into +0.0
+            ordered = torch.where(raw < 0, raw ^ bits[1], raw)  # negative floats: reverse order
+        key = ordered * 2**32 + backwards
         return key.topk(k, dim=-1).indices.sort(dim=-1).values
+    position = torch.arange(size, device=values.device)
     kth = values.topk(k, dim=-1).values[..., -1:]  # [..., 1]: the k-th largest value
     # Fewer than k entries are > kth; the rest come from the entries == kth, lowest first: rank
     # them with distinct keys (2N for "greater", N - position for "equal", 0 otherwise).
@@ -407,7 +424,7 @@ class _ImageSubset(IoUTable):
         self.batch, self.num_gt = int(images.shape[0]), table.num_gt
         self.num_anchors, self.chunk, self.width = table.num_anchors, table.chunk, table.width
         self.row_of = table.row_of[images]
-        self.buffer = table.buffer
+        self.buffer, self.nonnegative = table.buffer, table.nonnegative
         self._chunk_max = table.row_chunk_max()
 
 
@@ -448,8 +465,7 @@ def _greedy_rounds(table: IoUTable, valid: Tensor) -> Tensor:
     batch, num_gt, num_anchors = table.batch, table.num_gt, table.num_anchors
     device = valid.device
     k = min(num_gt, num_anchors)
-    rows, inverse = table.row_of.unique(return_inverse=True)  # the rows of these images
-    cand = first_k(table, k, rows)[inverse]  # [B, G, k]
+    cand = first_k(table, k, table.row_of.flatten()).view(batch, num_gt, k)  # [B, G, k]
     # Columns of the small problem: the union of the candidates, sorted by anchor, no duplicates.
     sentinel = num_anchors
     cols = torch.where(valid[:, :, None], cand, sentinel).reshape(batch, num_gt * k)

@@ -80,3 +80,28 @@ def test_cached_anchor_columns_follow_in_place_changes_and_inference_tensors():
         inside = [encoder(frozen, targets) for _ in range(2)]
     for got in inside:
         assert torch.equal(got.cls_labels, encoder(tiny_ssd_anchors(), targets).cls_labels)
+
+
+def test_negative_zero_coordinates_keep_the_books_assignment():
+    """-0.0 coordinates must not reorder zero IoUs (the fast selection reads float bits)."""
+    from benchmarks.d2l_reference import multibox_target as book_multibox_target
+    from src.detection.targets import TargetEncoder
+
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(60, 2, generator=g) * 0.6
+    anchors = torch.cat((xy, xy + 0.05 + torch.rand(60, 2, generator=g) * 0.2), dim=1)
+    anchors[:10, 0] = -0.05  # the first anchors cross the left edge
+    # Zero-width boxes on the left edge, x1 = +0.0 and x2 = -0.0: the book's IoU is -0.0 at the
+    # anchors crossing the edge and +0.0 elsewhere. The three share a best anchor (anchor 0), so
+    # the greedy runs on candidates, which are zero-IoU anchors here.
+    edge = torch.tensor([0.0, 0.2, -0.0, 0.4])
+    boxes = torch.stack((edge, edge, edge, torch.tensor([0.3, 0.3, 0.5, 0.6])))
+    table = BoxIoUTable(boxes[None], torch.ones(1, 4, dtype=torch.bool), anchors)
+    assert table.nonnegative and not torch.signbit(table.buffer[:4, :60]).any()
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1, 2, 3])}]
+    out = TargetEncoder()(anchors, targets)
+    labels = torch.cat((targets[0]["labels"][:, None].float(), boxes), dim=1)[None]
+    offsets, mask, classes = book_multibox_target(anchors[None], labels)
+    assert torch.equal(out.cls_labels[0], classes[0])
+    assert torch.equal(out.box_offsets[0].reshape(-1), offsets[0])
+    assert out.cls_labels[0, :3].tolist() == [1, 2, 3]  # the book's picks: anchors 0, 1, 2
