@@ -309,7 +309,8 @@ def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
     else:
         chosen = torch.arange(num_chunks, device=device).expand(num_rows, num_chunks)
     ids = (chosen[..., None] * table.chunk + torch.arange(table.chunk, device=device)).flatten(1)
-    values = table.row_values(rows[:, None], ids)  # ascending ids
+    chunks = table.buffer.view(-1, table.num_chunks, table.chunk)  # [R, C, S]
+    values = chunks[rows[:, None], chosen].flatten(1)  # [R', k * S], at the ascending ids
     return ids.gather(1, _first_k(values, k, sorted_bits))
 
 
@@ -406,7 +407,7 @@ def _first_max_per_key(key: Tensor, value: Tensor, order: Tensor, size: int) -> 
     if bits is not None:
         # One scatter on int64 composites (value bits, then -order), unique within a key:
         # positive floats order like their bit patterns.
-        composite = value.view(bits[0]).long() * 2**32 + (2**32 - 1 - order)
+        composite = value.view(bits[0]).long() * 2**32 - order  # > 0: value > 0, order < 2**31
         best = torch.zeros(size, dtype=torch.long, device=key.device)
         return composite == best.scatter_reduce_(0, key, composite, "amax")[key]
     best_value = torch.zeros(size, dtype=value.dtype, device=key.device)
