@@ -213,8 +213,13 @@ class TargetEncoder:
             )
         labels = labels.to(anchors.device)
         valid = labels[..., 0] >= 0  # [B, G]
-        table = BoxIoUTable(labels[..., 1:], valid, anchors)  # IoU of the valid rows
-        matched, keys = self._match(table, valid, self.iou_threshold)  # [B, A], [P']
+        # The matching runs a few hundred small operations: inference mode spares each of them
+        # the autograd bookkeeping. Its results are inference tensors: ``matched`` (returned)
+        # is copied out as a normal tensor, ``keys`` only indexes below.
+        with torch.inference_mode():
+            table = BoxIoUTable(labels[..., 1:], valid, anchors)  # IoU of the valid rows
+            matched, keys = self._match(table, valid, self.iou_threshold)  # [B, A], [P']
+        matched = matched.clone()
         dtype = torch.promote_types(self._dtype(anchors), labels.dtype)
         batch, num_anchors = matched.shape
         cls_labels = torch.zeros_like(matched)

@@ -105,3 +105,33 @@ def test_negative_zero_coordinates_keep_the_books_assignment():
     assert torch.equal(out.cls_labels[0], classes[0])
     assert torch.equal(out.box_offsets[0].reshape(-1), offsets[0])
     assert out.cls_labels[0, :3].tolist() == [1, 2, 3]  # the book's picks: anchors 0, 1, 2
+
+
+def test_encoder_outputs_are_normal_tensors_usable_in_autograd():
+    """The matching runs in inference mode; nothing of it may leak into the training graph."""
+    import torch.nn.functional as F
+
+    from src.detection.targets import TargetEncoder
+
+    anchors = tiny_ssd_anchors()
+    targets = [
+        {
+            "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.1, 0.5, 0.6]]),
+            "labels": torch.tensor([0, 1]),
+        }
+    ]
+    out = TargetEncoder()(anchors, targets)
+    assert not any(t.is_inference() for t in out)
+    logits = torch.randn(1, anchors.shape[0], 3, requires_grad=True)
+    offsets = torch.randn(1, anchors.shape[0], 4, requires_grad=True)
+    picked = offsets.gather(1, out.matched_idx.clamp(min=0)[..., None].expand(-1, -1, 4))
+    loss = F.cross_entropy(logits.flatten(0, 1), out.cls_labels.flatten()) + (
+        (picked - out.box_offsets)[out.pos_mask].abs().sum()
+    )
+    loss.backward()  # saves the targets and indices for backward: fails on inference tensors
+    assert logits.grad is not None and offsets.grad is not None
+    # the anchor columns cached during the encoder's inference-mode matching serve a table
+    # built outside inference mode too
+    table = BoxIoUTable(targets[0]["boxes"][None], torch.ones(1, 2, dtype=torch.bool), anchors)
+    dense = pairwise_iou_batched(targets[0]["boxes"][None], anchors)[0]
+    assert torch.equal(table.buffer[:2, : anchors.shape[0]], dense)
