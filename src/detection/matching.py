@@ -197,10 +197,6 @@ class IoUTable:
         """IoU at broadcastable int64 indices (row, anchor ``< C * chunk``)."""
         return self.buffer.view(-1).take(row * self.width + a)
 
-    def values(self, b: Tensor, g: Tensor, a: Tensor) -> Tensor:
-        """IoU at broadcastable int64 indices (image, ground truth, anchor ``< C * chunk``)."""
-        return self.row_values(self.row_of[b, g], a)
-
 
 class DenseIoUTable(IoUTable):
     """A caller's ``iou[B, G, A]``: NaN and padding rows read as 0; ``iou`` is not modified."""

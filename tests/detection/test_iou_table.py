@@ -22,7 +22,7 @@ def test_box_iou_table_equals_dense_iou_bitwise(which):
     dense = pairwise_iou_batched(gt, anchors)
     b, gi = valid.nonzero(as_tuple=True)
     a = torch.arange(anchors.shape[0])
-    assert torch.equal(table.values(b[:, None], gi[:, None], a[None, :]), dense[b, gi])
+    assert torch.equal(table.row_values(table.row_of[b, gi][:, None], a[None, :]), dense[b, gi])
     # each row knows its image and ground truth; the padding rows read 0
     rows = table.row_of[b, gi]
     assert torch.equal(table.row_image[rows], b) and torch.equal(table.row_gt[rows], gi)
@@ -30,7 +30,8 @@ def test_box_iou_table_equals_dense_iou_bitwise(which):
     assert (table.buffer[padding, : anchors.shape[0]] == 0).all()
     # past the last anchor (both anchor sets end inside a chunk) reads as -1
     assert table.width > anchors.shape[0]
-    assert table.values(b[:1], gi[:1], torch.tensor([table.width - 1])).tolist() == [-1.0]
+    last = torch.tensor([table.width - 1])
+    assert table.row_values(table.row_of[b[:1], gi[:1]], last).tolist() == [-1.0]
 
 
 @pytest.mark.parametrize("seed", range(3))
