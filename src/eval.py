@@ -26,37 +26,22 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from src.callbacks.results import CocoResultsCallback
 from src.utils.checkpoint import (
     CheckpointMismatchError,
     describe_model,
     load_module,
     load_run_config,
 )
-from src.utils.config import set_project_root
+from src.utils.config import data_config, set_project_root
 from src.utils.hparams import per_class_table
 from src.utils.instantiate import instantiate_loggers
-from src.utils.results import CocoResultsCallback
 
 log = logging.getLogger(__name__)
 
 set_project_root()
-
-
-def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
-    """The ``data`` node to evaluate on: the selected group, else the training run's.
-
-    A selected group replaces the training run's ``data`` node whole; its interpolations
-    (``${backbone.image_size}``, ``${paths.data_dir}``) resolve against the checkpoint's run
-    config with this command's ``paths``.
-    """
-    if cfg.get("data") is None:
-        return run_config.data
-    merged = OmegaConf.merge(run_config, {"paths": OmegaConf.to_container(cfg.paths, resolve=True)})
-    with open_dict(merged):
-        merged.data = OmegaConf.to_container(cfg.data, resolve=False)
-    return merged.data
 
 
 def check_backbone(cfg: DictConfig, run_config: DictConfig) -> None:

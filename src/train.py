@@ -23,16 +23,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.callbacks.console import StartSummaryCallback, end_summary
+from src.callbacks.faults import InterruptCallback
+from src.callbacks.hparams import HParamsCallback
 from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_run_config
 from src.utils.config import check_group_keys, config_to_container, set_project_root
-from src.utils.console import StartSummaryCallback, end_summary, task_overrides
-from src.utils.faults import (
-    DivergedError,
-    InterruptCallback,
-    RunInterruptedError,
-    write_status,
-)
-from src.utils.hparams import HParamsCallback, user_hparams
+from src.utils.console import task_overrides
+from src.utils.faults import DivergedError, RunInterruptedError, write_status
+from src.utils.hparams import user_hparams
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchvision.transforms.v2 import functional as F
 
 from src.data.base import read_image
-from src.eval import data_config
 from src.utils.checkpoint import load_module
-from src.utils.config import set_project_root
+from src.utils.config import data_config, set_project_root
 from src.viz.anchors import (
     AnchorAnalysis,
     analyze_module,

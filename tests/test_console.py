@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from src.callbacks.console import MetricsProgressBar, StartSummaryCallback
 from src.train import train
-from src.utils.console import MetricsProgressBar, StartSummaryCallback, task_overrides
+from src.utils.console import task_overrides
 from tests.conftest import compose_config, train_overrides
 
 USER_OVERRIDES = ["loss=smooth_l1", "loss.sigma=0.5"]

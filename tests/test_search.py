@@ -9,8 +9,8 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from src.callbacks.pruning import OptunaPruningCallback
 from src.report import collect, trial_status
-from src.search.pruning import OptunaPruningCallback
 from src.search.space import override_value, search_space
 from src.search.sweeper import OptunaSweeper, trial_overrides
 from src.train import train

@@ -72,7 +72,7 @@ def coco_results(
 
     Args:
         detections: one dict per image with ``boxes`` ``Tensor[N_i, 4]`` float **pixel** xyxy
-            of the original image (e.g. ``src.models.ssd_module.to_pixels`` of the
+            of the original image (e.g. ``src.detection.box_ops.to_pixels`` of the
             post-processed detections), ``scores`` ``Tensor[N_i]`` and ``labels``
             ``Tensor[N_i]`` int64 0-based object classes.
         image_ids: the COCO image id of each image (``target["coco_image_id"]``).

@@ -9,6 +9,9 @@ Conventions used across ``src.detection``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -21,6 +24,7 @@ __all__ = [
     "box_corner_to_center",
     "box_center_to_corner",
     "scale_boxes",
+    "to_pixels",
 ]
 
 
@@ -82,3 +86,24 @@ def scale_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
     """
     factor = boxes.new_tensor([width, height, width, height])
     return boxes * factor
+
+
+def to_pixels(
+    items: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]]
+) -> list[dict[str, Tensor]]:
+    """Copy detections or targets with boxes scaled from normalised xyxy to original-image pixels.
+
+    Args:
+        items: dicts with ``boxes: Tensor[N, 4]`` normalised xyxy and other per-box keys.
+        targets: the batch's targets; ``orig_size`` ``(H, W)`` gives the pixel scale.
+
+    Returns:
+        New dicts (the inputs are not modified) with pixel boxes.
+    """
+    out = []
+    for item, target in zip(items, targets, strict=True):
+        h, w = (int(v) for v in target["orig_size"])
+        converted = {k: v for k, v in item.items() if isinstance(v, Tensor)}
+        converted["boxes"] = scale_boxes(item["boxes"].float(), w, h)
+        out.append(converted)
+    return out

@@ -6,7 +6,7 @@
   PRUNED or FAIL). Studies live in a SQLite file in the sweep dir by default, so a search resumes.
 * :mod:`src.search.space`: Hydra's sweep syntax (``interval``, ``tag(log, ...)``, ``choice``,
   ``range``) as Optuna distributions.
-* :mod:`src.search.pruning`: a Lightning callback that reports the monitored metric of each
+* :mod:`src.callbacks.pruning`: a Lightning callback that reports the monitored metric of each
   validation epoch to the trial's study and stops the run when the pruner says so.
 
 Hydra only instantiates sweepers found in its ``hydra_plugins`` namespace package; the installed

@@ -9,7 +9,7 @@ and tells the study how the job ended:
 * the job returned a finite number (``src.train.main`` returns ``cfg.optimized_metric``):
   COMPLETE with that value;
 * the job raised ``optuna.TrialPruned`` (the pruning callback,
-  :class:`src.search.pruning.OptunaPruningCallback`): PRUNED;
+  :class:`src.callbacks.pruning.OptunaPruningCallback`): PRUNED;
 * the job raised anything else, or returned a non-finite value or no number: FAIL, with the
   reason in the trial's ``fail_reason`` user attribute; the search goes on.
 

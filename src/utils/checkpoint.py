@@ -28,6 +28,8 @@ __all__ = [
     "load_checkpoint",
     "load_module",
     "load_run_config",
+    "upgrade_targets",
+    "LEGACY_TARGETS",
     "model_config_for_loading",
     "plain_checkpoint",
 ]
@@ -127,6 +129,42 @@ def load_checkpoint(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> dic
     return blob
 
 
+#: ``_target_`` paths of classes that moved, as stored in the run configs of older checkpoints,
+#: and where they live now. Add a line here when a class moves.
+LEGACY_TARGETS: dict[str, str] = {
+    "src.utils.faults.ResumeCallback": "src.callbacks.faults.ResumeCallback",
+    "src.utils.faults.InterruptCallback": "src.callbacks.faults.InterruptCallback",
+    "src.utils.console.MetricsProgressBar": "src.callbacks.console.MetricsProgressBar",
+    "src.utils.hparams.RunTensorBoardLogger": "src.callbacks.hparams.RunTensorBoardLogger",
+    "src.utils.hparams.HParamsCallback": "src.callbacks.hparams.HParamsCallback",
+    "src.utils.results.CocoResultsCallback": "src.callbacks.results.CocoResultsCallback",
+    "src.viz.callbacks.AnchorPanelsCallback": "src.callbacks.pictures.AnchorPanelsCallback",
+    "src.viz.callbacks.DetectionGridCallback": "src.callbacks.pictures.DetectionGridCallback",
+    "src.viz.callbacks.PRCurvesCallback": "src.callbacks.pictures.PRCurvesCallback",
+    "src.search.pruning.OptunaPruningCallback": "src.callbacks.pruning.OptunaPruningCallback",
+}
+
+
+def upgrade_targets(value: Any) -> Any:
+    """A copy of a plain run config with every moved ``_target_`` renamed (:data:`LEGACY_TARGETS`).
+
+    Args:
+        value: a run config as stored in a checkpoint (dicts, lists and plain values).
+
+    Returns:
+        The same structure; ``{"_target_": old}`` entries read ``{"_target_": new}``.
+    """
+    if isinstance(value, Mapping):
+        out = {k: upgrade_targets(v) for k, v in value.items()}
+        target = out.get("_target_")
+        if isinstance(target, str) and target in LEGACY_TARGETS:
+            out["_target_"] = LEGACY_TARGETS[target]
+        return out
+    if isinstance(value, list | tuple):
+        return [upgrade_targets(v) for v in value]
+    return value
+
+
 def load_run_config(ckpt_path: str | os.PathLike) -> tuple[DictConfig, dict[str, Any]]:
     """Read a checkpoint written by ``src.train`` and the run config stored inside it.
 
@@ -147,7 +185,8 @@ def load_run_config(ckpt_path: str | os.PathLike) -> tuple[DictConfig, dict[str,
             f"{ckpt_path} has no 'run_config': it was not written by `python -m src.train`, so "
             "the network cannot be rebuilt from it"
         )
-    return OmegaConf.create(run_config), checkpoint
+    checkpoint["run_config"] = upgrade_targets(run_config)
+    return OmegaConf.create(checkpoint["run_config"]), checkpoint
 
 
 def model_config_for_loading(run_config: DictConfig) -> DictConfig:
@@ -161,19 +200,58 @@ def model_config_for_loading(run_config: DictConfig) -> DictConfig:
     return model_cfg
 
 
+def _anchor_range(anchors: Any) -> str | None:
+    """``anchors 0.1-0.79``: the smallest and largest anchor size, as fractions of the image.
+
+    Reads ``sizes`` (per-level fractions, ``GridAnchorGenerator``) or ``min_sizes`` /
+    ``max_sizes`` / ``image_size`` (pixels, ``SSDDefaultBoxGenerator``); None for other nodes.
+    """
+    if not isinstance(anchors, Mapping):
+        return None
+    sizes = anchors.get("sizes")
+    if sizes:
+        flat = [float(v) for level in sizes for v in level]
+        return f"anchors {min(flat):.3g}-{max(flat):.3g}"
+    lows, highs, side = (
+        anchors.get("min_sizes"),
+        anchors.get("max_sizes"),
+        anchors.get("image_size"),
+    )
+    if lows and highs and isinstance(side, int | float) and side > 0:
+        return f"anchors {min(map(float, lows)) / side:.3g}-{max(map(float, highs)) / side:.3g}"
+    return None
+
+
 def describe_model(run_config: Mapping[str, Any] | DictConfig) -> str:
-    """``backbone=tiny, 1 class (banana)``: what a run config's network is, in words."""
+    """What a run config's network is, in config words.
+
+    E.g. ``backbone=tiny, 1 class (banana), input 256, head=ssd, anchors 0.1-0.79``. Reads
+    ``backbone.name``, ``model.net.num_classes``, ``model.class_names`` (listed when at most 5),
+    ``backbone.image_size``, ``head.name`` and ``backbone.anchors``; missing keys are left out
+    (the backbone shows as ``?``). :func:`src.models.convert.net_run_config` gives the same keys
+    for a built network, so both sides of a mismatch read alike.
+
+    Args:
+        run_config: a run config (the composed config or a checkpoint's ``run_config``).
+    """
     cfg = OmegaConf.create(run_config) if not OmegaConf.is_config(run_config) else run_config
-    backbone = OmegaConf.select(cfg, "backbone.name", default=None) or "?"
-    count = OmegaConf.select(cfg, "model.net.num_classes", default=None)
-    names = OmegaConf.select(cfg, "model.class_names", default=None)
-    text = f"backbone={backbone}, {count} class{'' if count == 1 else 'es'}"
+
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=None)
+
+    count = get("model.net.num_classes")
+    text = f"backbone={get('backbone.name') or '?'}, {count} class{'' if count == 1 else 'es'}"
+    names = get("model.class_names")
     if names is not None and len(names) <= 5:
         text += f" ({', '.join(str(n) for n in names)})"
-    size = OmegaConf.select(cfg, "backbone.image_size", default=None)
-    if size is not None:
-        text += f", input {size}"
-    return text
+    extras = [
+        f"input {get('backbone.image_size')}" if get("backbone.image_size") is not None else None,
+        f"head={get('head.name')}" if get("head.name") is not None else None,
+        _anchor_range(OmegaConf.to_container(cfg.backbone.anchors, resolve=True))
+        if get("backbone.anchors") is not None
+        else None,
+    ]
+    return ", ".join([text, *(e for e in extras if e)])
 
 
 def load_module(
@@ -197,6 +275,7 @@ def load_module(
     if checkpoint is None:
         run_config, checkpoint = load_run_config(ckpt_path)
     else:
+        checkpoint["run_config"] = upgrade_targets(checkpoint["run_config"])
         run_config = OmegaConf.create(checkpoint["run_config"])
     module = instantiate(model_config_for_loading(run_config), **overrides)
     module.load_state_dict(checkpoint["state_dict"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +176,18 @@ def check_group_keys(cfg: DictConfig, groups: tuple[str, ...] = ("loss", "mining
                 f"{group}.{key}={value} is ignored by {group}={chosen}: {hint}, or drop the "
                 "override"
             )
+
+
+def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
+    """The ``data`` node to evaluate on: the selected group, else the training run's.
+
+    A selected group replaces the training run's ``data`` node whole; its interpolations
+    (``${backbone.image_size}``, ``${paths.data_dir}``) resolve against the checkpoint's run
+    config with this command's ``paths``.
+    """
+    if cfg.get("data") is None:
+        return run_config.data
+    merged = OmegaConf.merge(run_config, {"paths": OmegaConf.to_container(cfg.paths, resolve=True)})
+    with open_dict(merged):
+        merged.data = OmegaConf.to_container(cfg.data, resolve=False)
+    return merged.data

@@ -3,12 +3,10 @@
 * :class:`DivergedError`: raised by the Lightning module when the loss is not finite (before the
   optimiser step, so the weights stay finite) and when a checkpoint would hold non-finite
   weights (before the file is written).
-* :class:`ResumeCallback`: saves the Python, NumPy and torch (CPU and CUDA) random states in every
-  checkpoint and restores them on resume, right before the first training batch is drawn, so that
-  the data order and the augmentation of a resumed run equal those of an uninterrupted one.
-  Lightning restores the weights, optimiser, schedulers and loops but not these states.
-* :class:`InterruptCallback`: on SIGTERM or SIGINT (Ctrl+C) during ``fit`` saves a resumable
-  ``last.ckpt`` and logs the command that resumes it; ``src.train`` then exits non-zero.
+* :func:`rng_states` / :func:`set_rng_states`: the Python, NumPy and torch random states that
+  :class:`src.callbacks.faults.ResumeCallback` keeps in checkpoints.
+* :class:`RunInterruptedError`: raised after SIGTERM or SIGINT by
+  :class:`src.callbacks.faults.InterruptCallback`; ``src.train`` then exits non-zero.
 * :func:`write_status`: ``<run>/status.json`` (``ok``, ``diverged``, ``interrupted``, ``failed``),
   read by ``src.report``.
 """
@@ -27,15 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DivergedError",
-    "InterruptCallback",
-    "ResumeCallback",
     "RunInterruptedError",
     "check_finite_grads",
     "check_finite_loss",
@@ -170,7 +164,7 @@ def resume_command(ckpt_path: str | Path, argv: Sequence[str] | None = None) -> 
     return shlex.join(["python", "-m", "src.train", *args, f"ckpt_path={ckpt_path}"])
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """The Python, NumPy and torch random states, as plain values and tensors."""
     np_state = np.random.get_state()
     states: dict[str, Any] = {
@@ -189,8 +183,8 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`_rng_states` returned."""
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     n = states["numpy"]
@@ -206,95 +200,6 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class ResumeCallback(Callback):
-    """Save the random states in checkpoints and restore them when training resumes.
-
-    The states are taken when the checkpoint is written; on resume they are set again right
-    before the training data are first drawn (after the sanity-check validation, which draws
-    random numbers of its own), so the shuffling order, the augmentation and any dropout of a
-    resumed run continue exactly as in an uninterrupted run with the same seed.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The random states at save time."""
-        return {"rng": _rng_states()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the states until the training data are about to be drawn."""
-        self._pending = state_dict.get("rng")
-        if self._pending is not None:
-            _set_rng_states(self._pending)
-
-    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Set the saved states again: the sanity check consumed random numbers."""
-        if self._pending is not None:
-            _set_rng_states(self._pending)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Forget the saved states once training runs."""
-        self._pending = None
-
-
-class InterruptCallback(Callback):
-    """On SIGTERM or SIGINT during ``fit``, save a resumable ``last.ckpt`` and say how to resume.
-
-    Lightning stops at the end of the current batch on SIGTERM (raising ``SIGTERMException``,
-    which would otherwise end the process with status 0) and on Ctrl+C (``KeyboardInterrupt``).
-    This callback then writes ``<dirpath>/last.ckpt`` from the current state (weights,
-    optimiser, schedulers, loops and random states), unless the weights are not finite, and
-    logs one line with the exact command to resume. ``src.train`` raises
-    :class:`RunInterruptedError` afterwards, so the process exits with 143 (SIGTERM) or 130
-    (SIGINT).
-
-    On SLURM with Lightning's auto-requeue (``SLURMEnvironment(auto_requeue=True)``, the
-    default under ``srun``), the requeue signal (SIGUSR1) still writes Lightning's
-    ``hpc_ckpt_*.ckpt`` and requeues the job; this callback does not interfere.
-
-    Args:
-        dirpath: where ``last.ckpt`` is written (the run's ``checkpoints/`` folder).
-        filename: the checkpoint's file name.
-    """
-
-    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
-        self.dirpath = Path(dirpath)
-        self.filename = filename
-        #: set after an interrupt: ``(signal name, checkpoint path or None)``.
-        self.interrupted: tuple[str, str | None] | None = None
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        """Save ``last.ckpt`` when the exception is a SIGTERM or a Ctrl+C."""
-        if isinstance(exception, SIGTERMException):
-            name = "SIGTERM"
-        elif isinstance(exception, KeyboardInterrupt):
-            name = "SIGINT"
-        else:
-            return
-        if not trainer.training and trainer.state.fn != "fit":
-            return
-        path = self.dirpath / self.filename
-        try:
-            trainer.save_checkpoint(path)
-        except DivergedError as err:
-            log.error("%s received; not saving the current state: %s", name, err)
-            self.interrupted = (name, None)
-            return
-        self.interrupted = (name, str(path))
-        if trainer.is_global_zero:
-            log.warning(
-                "%s received after %d completed epochs (global step %d): saved %s. Resume with: %s",
-                name,
-                trainer.fit_loop.epoch_progress.current.completed,
-                trainer.global_step,
-                path,
-                resume_command(path),
-            )
 
 
 def write_status(run_dir: str | Path, status: str, **details: Any) -> Path:

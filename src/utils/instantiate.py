@@ -1,12 +1,11 @@
-"""Helpers that build Lightning callbacks and loggers from Hydra config groups."""
+"""Build every ``{_target_: ...}`` entry of a config group (the callbacks, the loggers)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch import Callback
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -29,11 +28,11 @@ def _instantiate_group(cfg: DictConfig | None, kind: str) -> list:
     return objects
 
 
-def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``{_target_: ...}`` entry of the ``callbacks`` group."""
     return _instantiate_group(cfg, "callback")
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+def instantiate_loggers(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``{_target_: ...}`` entry of the ``logger`` group."""
     return _instantiate_group(cfg, "logger")

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from src.detection.box_ops import box_iou
 from src.detection.coder import BoxCoder
+from src.detection.losses import compute_loss
 from src.detection.mining import HardNegativeMiner
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,14 @@ def analyze_anchors(
     labels = torch.as_tensor(target["labels"]).to(device=device, dtype=torch.int64).reshape(-1)
     out = net(x)
     anchors = out.anchors.reshape(-1, 4)
-    encoded = target_encoder(anchors, [{"boxes": boxes, "labels": labels}])
-    losses = loss_fn(out.cls_logits, out.box_deltas, encoded)
+    encoded, losses = compute_loss(
+        loss_fn,
+        target_encoder,
+        out.cls_logits,
+        out.box_deltas,
+        anchors,
+        [{"boxes": boxes, "labels": labels}],
+    )
 
     pos = encoded.pos_mask[0]
     pos_idx = pos.nonzero().squeeze(1)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from src.callbacks.pictures import AnchorPanelsCallback
 from src.detection.losses import MultiBoxLoss
-from src.viz.callbacks import AnchorPanelsCallback
 from tests.viz.conftest import GT_BOXES, GT_LABELS, FakeModule, make_net
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from src.callbacks.pictures import PRCurvesCallback
 from src.detection.losses import MultiBoxLoss
 from src.detection.targets import TargetEncoder
 from src.viz.anchors import analyze_anchors, anchor_panels_figure, crop_windows, negatives_figure
 from src.viz.boxes import PRED_COLOR, TRUE_COLOR, detection_grid, draw_detections, font_size_for
-from src.viz.callbacks import PRCurvesCallback
 from src.viz.loss_curves import focal_figure, smooth_l1_figure, write_loss_figures
 from src.viz.pr_curves import pr_curves_figure
 from src.viz.style import MIN_FONT_PT, smallest_font_at

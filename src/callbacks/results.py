@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from src.data.coco_results import coco_results, write_coco_results
-from src.models.ssd_module import to_pixels
+from src.detection.box_ops import to_pixels
 
 log = logging.getLogger(__name__)
 

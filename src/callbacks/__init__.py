@@ -1,0 +1,9 @@
+"""Every Lightning callback of the project (and the TensorBoard logger they write through).
+
+* :mod:`src.callbacks.console`: the progress bar, the start summary and the end-of-run summary.
+* :mod:`src.callbacks.faults`: random states in checkpoints, a checkpoint on SIGTERM/SIGINT.
+* :mod:`src.callbacks.hparams`: TensorBoard's HParams and Text tabs, the run-named logger.
+* :mod:`src.callbacks.pictures`: anchor panels, detection grids and PR curves in TensorBoard.
+* :mod:`src.callbacks.pruning`: Optuna pruning.
+* :mod:`src.callbacks.results`: COCO results files of the validation and test detections.
+"""
