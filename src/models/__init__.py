@@ -1,17 +1,6 @@
-"""Networks: the SSD detector, its head and backbones, the book's TinySSD, weight converters."""
+"""Networks (nothing is re-exported here: import from the defining modules).
 
-from src.models.tiny_ssd import TinySSD  # noqa: I001 (before backbones, which import it)
-from src.models.backbones import L2Norm, PretrainedWeightsError, TinyBackbone, VGG16Backbone
-from src.models.heads import SSDHead
-from src.models.ssd import SSD, SSDOutput
-
-__all__ = [
-    "L2Norm",
-    "PretrainedWeightsError",
-    "SSD",
-    "SSDHead",
-    "SSDOutput",
-    "TinyBackbone",
-    "TinySSD",
-    "VGG16Backbone",
-]
+The SSD detector (``ssd``), its heads (``heads``) and backbones (``backbones/``), the book's
+TinySSD (``tiny_ssd``), weight converters (``convert``) and the Lightning module
+(``ssd_module``).
+"""

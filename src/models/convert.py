@@ -24,6 +24,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ from src.models.ssd import SSD
 from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_checkpoint
 
 __all__ = [
-    "describe_net",
+    "net_run_config",
     "load_initial_weights",
     "SSD_PYTORCH_PIXEL_MEAN",
     "SSD_PYTORCH_PIXEL_STD",
@@ -209,15 +210,29 @@ def convert_tiny_ssd_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
     return out
 
 
-def describe_net(net: SSD) -> str:
-    """``backbone=vgg16, 20 classes, input 300``: what a built network is, in config words."""
-    names = {"TinyBackbone": "tiny", "VGG16Backbone": "vgg16"}
-    backbone = names.get(type(net.backbone).__name__, type(net.backbone).__name__)
-    size = int(net.image_size[0])
-    if backbone == "vgg16" and size == 512:
-        backbone = "vgg16_512"
-    count = int(net.num_classes)
-    return f"backbone={backbone}, {count} class{'' if count == 1 else 'es'}, input {size}"
+def net_run_config(net: SSD) -> dict[str, Any]:
+    """The run-config keys :func:`~src.utils.checkpoint.describe_model` reads, from a built net.
+
+    ``backbone.name`` is the net's ``name`` (``backbone.name`` of the config that built it;
+    the backbone's class name for a net built by hand), ``backbone.anchors`` the anchor
+    generator's public attributes (the config's keys).
+
+    Args:
+        net: a built SSD.
+
+    Returns:
+        ``{"backbone": {name, image_size, anchors}, "model": {"net": {num_classes}}}``.
+    """
+    generator = net.anchor_generator
+    anchors = {k: v for k, v in vars(generator).items() if not k.startswith("_")}
+    return {
+        "backbone": {
+            "name": net.name or type(net.backbone).__name__,
+            "image_size": int(net.image_size[0]),
+            "anchors": anchors,
+        },
+        "model": {"net": {"num_classes": int(net.num_classes)}},
+    }
 
 
 def _mismatch(state: Mapping[str, Tensor], net: SSD) -> list[str]:
@@ -249,7 +264,8 @@ def load_initial_weights(net: SSD, path: str | Path) -> None:
     state = blob.get("state_dict", blob)
     if any(k.startswith("net.") for k in state):
         own = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        if _mismatch(own, net):
+        problems = _mismatch(own, net)
+        if problems:
             theirs = (
                 describe_model(blob["run_config"])
                 if isinstance(blob.get("run_config"), Mapping)
@@ -257,8 +273,9 @@ def load_initial_weights(net: SSD, path: str | Path) -> None:
             )
             raise CheckpointMismatchError(
                 f"model.init_from={path} does not fit this network: checkpoint: {theirs}; this "
-                f"run: {describe_net(net)}. Choose the checkpoint's backbone (and data with the "
-                "same classes), or another checkpoint"
+                f"run: {describe_model(net_run_config(net))} (first differing weights: "
+                f"{', '.join(problems[:3])}). Choose the checkpoint's backbone and head (and data "
+                "with the same classes), or another checkpoint"
             )
         net.load_state_dict(own)
         log.info("Initialised the net from the src.train checkpoint %s", path)

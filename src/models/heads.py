@@ -49,9 +49,14 @@ class SSDHead(nn.Module):
         init: ``"default"`` keeps PyTorch's initialisation (the book); ``"xavier"`` uses
             Xavier-uniform weights and zero biases (``ssd.pytorch`` / torchvision).
 
+    Attributes:
+        name: ``"ssd"``, this head in messages (:func:`src.models.convert.net_run_config`).
+
     Raises:
         ValueError: on inconsistent arguments.
     """
+
+    name: str = "ssd"
 
     def __init__(
         self,

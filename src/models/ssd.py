@@ -92,9 +92,11 @@ class SSD(nn.Module):
             ``0..255`` input scale).
         head_init: ``"default"`` or ``"xavier"``; ``None`` takes ``backbone.head_init``
             (falling back to ``"default"``).
+        name: the name of the backbone option that built this net (``backbone.name``: tiny,
+            vgg16, ...), for messages; ``None`` for a net built by hand.
 
     Attributes:
-        num_classes, image_size (``(H, W)``), backbone, head, anchor_generator; buffers
+        num_classes, image_size (``(H, W)``), name, backbone, head, anchor_generator; buffers
         ``pixel_mean`` / ``pixel_std`` (``[1, 3, 1, 1]`` float32, not saved in state dicts: they
         come from the config).
 
@@ -111,8 +113,10 @@ class SSD(nn.Module):
         pixel_mean: float | Sequence[float] = (0.0, 0.0, 0.0),
         pixel_std: float | Sequence[float] = (1.0, 1.0, 1.0),
         head_init: str | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
+        self.name = None if name is None else str(name)
         if int(num_classes) < 1:
             raise ValueError(f"data.num_classes must be >= 1 (object classes), got {num_classes}")
         self.num_classes = int(num_classes)

@@ -3,7 +3,9 @@
 This module keeps the book's code as written (helper functions, module-level ``sizes`` /
 ``ratios``, ``blk_i`` / ``cls_i`` / ``bbox_i`` attributes, the book's return values) so that
 results can be compared with the book line by line. Only ``d2l.multibox_prior`` is replaced
-by :func:`src.detection.anchors.multibox_prior`, which computes the same anchors.
+by :func:`src.detection.anchors.multibox_prior`, which computes the same anchors, and the
+feature blocks (``down_sample_blk``, ``base_net``, ``get_blk``) live in
+:mod:`src.models.backbones.tiny`, which this module imports (the book's code there is unchanged).
 
 The book feeds raw ``0..255`` float pixels to this network. The configurable equivalent used
 by the training pipeline is :class:`src.models.ssd.SSD` with
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from src.detection.anchors import multibox_prior
+from src.models.backbones.tiny import base_net, down_sample_blk, get_blk
 
 __all__ = [
     "TinySSD",
@@ -56,40 +59,6 @@ def flatten_pred(pred: Tensor) -> Tensor:
 def concat_preds(preds: list[Tensor]) -> Tensor:
     """Flatten the per-level predictions and concatenate them: ``Tensor[B, sum_l H_l*W_l*C_l]``."""
     return torch.cat([flatten_pred(p) for p in preds], dim=1)
-
-
-def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Two (3x3 conv, BatchNorm, ReLU) followed by a 2x2 max pool: halves height and width."""
-    blk = []
-    for _ in range(2):
-        blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
-        blk.append(nn.BatchNorm2d(out_channels))
-        blk.append(nn.ReLU())
-        in_channels = out_channels
-    blk.append(nn.MaxPool2d(2))
-    return nn.Sequential(*blk)
-
-
-def base_net() -> nn.Sequential:
-    """Three down-sampling blocks, channels 3 -> 16 -> 32 -> 64 (256x256 -> 32x32)."""
-    blk = []
-    num_filters = [3, 16, 32, 64]
-    for i in range(len(num_filters) - 1):
-        blk.append(down_sample_blk(num_filters[i], num_filters[i + 1]))
-    return nn.Sequential(*blk)
-
-
-def get_blk(i: int) -> nn.Module:
-    """The ``i``-th of TinySSD's five feature blocks (base net, 3 down-sampling blocks, pool)."""
-    if i == 0:
-        blk = base_net()
-    elif i == 1:
-        blk = down_sample_blk(64, 128)
-    elif i == 4:
-        blk = nn.AdaptiveMaxPool2d((1, 1))
-    else:
-        blk = down_sample_blk(128, 128)
-    return blk
 
 
 def blk_forward(

@@ -10,7 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.detection.anchors import GridAnchorGenerator, SSDDefaultBoxGenerator
-from src.models import SSD, TinyBackbone, VGG16Backbone
+from src.models.backbones.tiny import TinyBackbone
+from src.models.backbones.vgg16 import VGG16Backbone
+from src.models.ssd import SSD
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
 MODEL_NET = {

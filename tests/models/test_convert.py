@@ -13,13 +13,14 @@ from torch import nn
 from torch.nn import init
 
 from src.detection.anchors import SSDDefaultBoxGenerator
-from src.models import SSD, VGG16Backbone
+from src.models.backbones.vgg16 import VGG16Backbone
 from src.models.convert import (
     SSD_PYTORCH_PIXEL_MEAN,
     SSD_PYTORCH_PIXEL_STD,
     convert_ssd_pytorch_state_dict,
     load_ssd_pytorch_state_dict,
 )
+from src.models.ssd import SSD
 
 # ---------------------------------------------------------------------------------------------
 # Minimal replica of ssd.pytorch's ssd.py / layers (github.com/amdegroot/ssd.pytorch), phase

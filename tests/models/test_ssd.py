@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from src.detection.anchors import GridAnchorGenerator, SSDDefaultBoxGenerator
-from src.models import SSD, SSDOutput, TinyBackbone
 from src.models import tiny_ssd as book
+from src.models.backbones.tiny import TinyBackbone
+from src.models.ssd import SSD, SSDOutput
 
 
 def make_ssd(**kwargs) -> SSD:

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from src.detection.anchors import GridAnchorGenerator, multibox_prior
-from src.models import SSD, TinyBackbone, TinySSD
 from src.models import tiny_ssd as book
+from src.models.backbones.tiny import TinyBackbone
 from src.models.convert import convert_tiny_ssd_state_dict
+from src.models.ssd import SSD
+from src.models.tiny_ssd import TinySSD
 
 BOOK_PARAMS_ONE_CLASS = 1_010_376
 BOOK_ANCHORS_256 = 5444

@@ -13,8 +13,15 @@ import torchvision
 from torch import nn
 
 from src.detection.anchors import SSDDefaultBoxGenerator, ssd_default_boxes
-from src.models import SSD, L2Norm, PretrainedWeightsError, VGG16Backbone
-from src.models.backbones.vgg16 import VGG_CONV_INDICES, VGG_LAYER_NAMES, vgg_layer_path
+from src.models.backbones.vgg16 import (
+    VGG_CONV_INDICES,
+    VGG_LAYER_NAMES,
+    L2Norm,
+    VGG16Backbone,
+    vgg_layer_path,
+)
+from src.models.backbones.weights import PretrainedWeightsError
+from src.models.ssd import SSD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,6 +1,6 @@
-"""SSD backbones: each returns a list of feature maps and exposes ``out_channels``."""
+"""SSD backbones, one module each (nothing is re-exported here).
 
-from src.models.backbones.tiny import TinyBackbone
-from src.models.backbones.vgg16 import L2Norm, PretrainedWeightsError, VGG16Backbone
-
-__all__ = ["L2Norm", "PretrainedWeightsError", "TinyBackbone", "VGG16Backbone"]
+Each network returns a list of feature maps and exposes ``out_channels`` (and optionally
+``head_init``); ``conf/backbone/<name>.yaml`` names it by ``_target_``. Import from the defining
+module (``src.models.backbones.vgg16``, ...).
+"""

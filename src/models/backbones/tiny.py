@@ -1,17 +1,51 @@
-"""The book's TinySSD feature extractor as an SSD backbone.
+"""The book's TinySSD feature extractor as an SSD backbone, and the book's feature blocks.
 
-Same modules, same names (``blk_0`` .. ``blk_4``) and the same default initialisation as
-:class:`src.models.tiny_ssd.TinySSD`; the class / box predictors live in
-:class:`src.models.heads.SSDHead`.
+``down_sample_blk``, ``base_net`` and ``get_blk`` are the book's code (*Dive into Deep
+Learning* 14.7) verbatim; :mod:`src.models.tiny_ssd` (the book's whole network) imports them
+from here. :class:`TinyBackbone` has the same modules, names (``blk_0`` .. ``blk_4``) and
+default initialisation as :class:`src.models.tiny_ssd.TinySSD`; the class / box predictors
+live in :class:`src.models.heads.SSDHead`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from src.models.tiny_ssd import get_blk
+__all__ = ["TinyBackbone", "base_net", "down_sample_blk", "get_blk"]
 
-__all__ = ["TinyBackbone"]
+
+def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two (3x3 conv, BatchNorm, ReLU) followed by a 2x2 max pool: halves height and width."""
+    blk = []
+    for _ in range(2):
+        blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+        blk.append(nn.BatchNorm2d(out_channels))
+        blk.append(nn.ReLU())
+        in_channels = out_channels
+    blk.append(nn.MaxPool2d(2))
+    return nn.Sequential(*blk)
+
+
+def base_net() -> nn.Sequential:
+    """Three down-sampling blocks, channels 3 -> 16 -> 32 -> 64 (256x256 -> 32x32)."""
+    blk = []
+    num_filters = [3, 16, 32, 64]
+    for i in range(len(num_filters) - 1):
+        blk.append(down_sample_blk(num_filters[i], num_filters[i + 1]))
+    return nn.Sequential(*blk)
+
+
+def get_blk(i: int) -> nn.Module:
+    """The ``i``-th of TinySSD's five feature blocks (base net, 3 down-sampling blocks, pool)."""
+    if i == 0:
+        blk = base_net()
+    elif i == 1:
+        blk = down_sample_blk(64, 128)
+    elif i == 4:
+        blk = nn.AdaptiveMaxPool2d((1, 1))
+    else:
+        blk = down_sample_blk(128, 128)
+    return blk
 
 
 class TinyBackbone(nn.Module):

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
+from src.models.backbones.weights import load_torchvision_weights
+
 __all__ = [
     "L2Norm",
-    "PretrainedWeightsError",
     "VGG16Backbone",
     "VGG_CONV_INDICES",
     "VGG_LAYER_NAMES",
@@ -97,10 +96,6 @@ _EXTRAS: dict[str, list[tuple[tuple[int, int, int, int, int], ...]]] = {
         ((256, 128, 1, 1, 0), (128, 256, 4, 1, 1)),
     ],
 }
-
-
-class PretrainedWeightsError(RuntimeError):
-    """The pre-trained weights could not be obtained or read (the message says what to do)."""
 
 
 class L2Norm(nn.Module):
@@ -258,7 +253,8 @@ def load_imagenet_vgg16_state_dict(progress: bool = True) -> dict[str, Tensor]:
     """Torchvision's ImageNet VGG16 weights, through torchvision's weights API (torch hub cache).
 
     The file is looked up at ``<torch hub dir>/checkpoints/vgg16-397923af.pth`` (by default
-    ``$TORCH_HOME/hub/checkpoints/``) and downloaded there if missing.
+    ``$TORCH_HOME/hub/checkpoints/``) and downloaded there if missing
+    (:func:`src.models.backbones.weights.load_torchvision_weights`).
 
     Args:
         progress: show a progress bar while downloading.
@@ -272,27 +268,7 @@ def load_imagenet_vgg16_state_dict(progress: bool = True) -> dict[str, Tensor]:
     """
     from torchvision.models import VGG16_Weights
 
-    weights = VGG16_Weights.IMAGENET1K_V1
-    filename = os.path.basename(urlparse(weights.url).path)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    try:
-        return weights.get_state_dict(
-            progress=progress, check_hash=True, map_location="cpu", weights_only=True
-        )
-    except OSError as err:  # URLError, HTTPError, timeouts, unwritable cache dir
-        raise PretrainedWeightsError(
-            f"Could not download the ImageNet VGG16 weights for backbone.pretrained='imagenet' "
-            f"({type(err).__name__}: {err}). Download {weights.url} on a machine with network "
-            f"access and put it at {path} (the torch hub cache: $TORCH_HOME/hub/checkpoints/"
-            f"{filename}), or set backbone.pretrained=null to train from scratch."
-        ) from err
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        if not os.path.exists(path):
-            raise
-        raise PretrainedWeightsError(
-            f"The cached VGG16 weights file {path} could not be read ({err}). Delete it and "
-            f"download {weights.url} again to that path."
-        ) from err
+    return load_torchvision_weights(VGG16_Weights.IMAGENET1K_V1, "ImageNet VGG16", progress)
 
 
 def vgg16_imagenet_to_backbone(
