@@ -5,11 +5,18 @@ Per-anchor building blocks (all ``nn.Module`` without parameters, reduction ``"n
 * classification, ``(logits[B, A, C+1], labels[B, A] int64) -> Tensor[B, A]``, class 0 =
   background: :class:`CrossEntropyLoss` (the book's) and :class:`FocalLoss`, the book's
   ``-alpha * (1 - p_j)**gamma * log p_j`` on softmax probabilities (background included).
-* box, ``(pred[B, A, 4], target[B, A, 4]) -> Tensor[B, A, 4]`` elementwise: :class:`L1Loss`
-  (the book's) and :class:`SmoothL1Loss`, the book's
-  ``f(x) = (sigma*x)**2 / 2 if |x| < 1/sigma**2 else |x| - 0.5/sigma**2``.
+* box losses come in two spaces, named by their class attribute ``space``:
 
-:class:`MultiBoxLoss` combines them. With its defaults (cross-entropy, L1, weights 1,
+  - ``"offsets"``, ``(pred[B, A, 4], target[B, A, 4]) -> Tensor[B, A, 4]`` elementwise on the
+    :class:`~src.detection.coder.BoxCoder` offsets: :class:`L1Loss` (the book's) and
+    :class:`SmoothL1Loss`, the book's
+    ``f(x) = (sigma*x)**2 / 2 if |x| < 1/sigma**2 else |x| - 0.5/sigma**2``;
+  - ``"boxes"``, ``(pred_boxes[P, 4], gt_boxes[P, 4]) -> Tensor[P]`` on the positives' decoded
+    boxes and matched ground truths (xyxy, normalised to ``[0, 1]``).
+
+:class:`MultiBoxLoss` combines them; :func:`compute_loss` encodes a batch's targets and calls it,
+the one place where the training loss is computed (the Lightning module and the anchor pictures
+both call it). With its defaults (cross-entropy, L1, weights 1,
 ``normalize="anchors"``, no mining) it reproduces exactly the book's training loss
 (*Dive into Deep Learning*, 14.7 ``calc_loss(...).mean()``)::
 
@@ -25,13 +32,15 @@ Hyper-parameters are validated at construction and a ValueError names the config
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from src.detection.coder import BoxCoder
 
 __all__ = [
     "LossOutput",
@@ -41,9 +50,12 @@ __all__ = [
     "SmoothL1Loss",
     "build_box_loss",
     "MultiBoxLoss",
+    "compute_loss",
 ]
 
 NORMALIZE_CHOICES = ("anchors", "positives")
+#: ``space`` of a box loss: what it compares (see the module docstring).
+BOX_SPACES = ("offsets", "boxes")
 
 
 def _check_real(
@@ -101,8 +113,9 @@ class LossOutput(NamedTuple):
         box_loss: scalar, weighted box-regression term.
         per_anchor_cls: ``Tensor[B, A]`` detached, unweighted classification loss of every anchor
             (also those outside ``cls_mask``), for visualisation.
-        per_anchor_box: ``Tensor[B, A]`` detached, unweighted box loss summed over the 4 offsets,
-            0 at negatives, for visualisation.
+        per_anchor_box: ``Tensor[B, A]`` detached, unweighted box loss of every anchor (summed
+            over the 4 offsets for an offset loss, its one value for a box loss), 0 at
+            negatives, for visualisation.
         cls_mask: ``Tensor[B, A]`` bool, anchors that count in the classification term
             (all anchors without mining; positives and mined negatives with mining).
 
@@ -226,6 +239,8 @@ class FocalLoss(nn.Module):
 class L1Loss(nn.Module):
     """Elementwise ``|pred - target|`` (the book's ``nn.L1Loss(reduction="none")``)."""
 
+    space = "offsets"
+
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of every offset.
 
@@ -255,6 +270,8 @@ class SmoothL1Loss(nn.Module):
         ValueError: at construction if ``sigma <= 0``.
 
     """
+
+    space = "offsets"
 
     def __init__(self, sigma: float = 1.0) -> None:
         super().__init__()
@@ -300,8 +317,14 @@ def build_box_loss(name: str = "smooth_l1", sigma: float = 1.0) -> nn.Module:
 class MultiBoxLoss(nn.Module):
     """Weighted sum of a classification and a box-regression term over all anchors.
 
-    Box term: ``box_loss(box_deltas * m, box_offsets * m)`` with ``m`` the positive mask, i.e.
-    only positives contribute (as the book's ``bbox_masks``).
+    Box term, only at the positives (as the book's ``bbox_masks``), ``K`` values per anchor:
+
+    * offset losses (``box_loss.space == "offsets"``, the default for a box loss without
+      ``space``): ``box_loss(box_deltas * m, box_offsets * m)`` with ``m`` the positive mask,
+      ``K = 4`` (one per offset);
+    * box losses (``box_loss.space == "boxes"``):
+      ``box_loss(coder.decode(box_deltas, anchors), matched_boxes)`` on the positives only,
+      ``K = 1``. ``forward`` then needs ``anchors`` (and the target encoder's ``coder``).
 
     Classification term: ``cls_loss`` of every anchor; with ``mining`` only positives and the
     negatives the miner keeps (``cls_mask``) count.
@@ -309,19 +332,20 @@ class MultiBoxLoss(nn.Module):
     Normalisation (``normalize``):
 
     * ``"anchors"`` (the book): per image, the classification sum over ``cls_mask`` divided by
-      the number of anchors ``A`` and the box sum divided by ``4 * A`` (a mean over all
-      offsets); then the mean over the batch. With mining the classification sum still runs
-      over the kept anchors only but is *still divided by A* (not by the number kept), so the
-      term is smaller than without mining; raise ``loss.cls_weight`` to compensate if needed.
+      the number of anchors ``A`` and the box sum divided by ``K * A`` (a mean over all
+      offsets, or over all anchors for a box loss); then the mean over the batch. With mining
+      the classification sum still runs over the kept anchors only but is *still divided by A*
+      (not by the number kept), so the term is smaller than without mining; raise
+      ``loss.cls_weight`` to compensate if needed.
     * ``"positives"`` (SSD paper; RetinaNet for focal): both sums over the whole batch divided by
-      the number of positives in the batch, clamped to >= 1 (box term summed over the 4
-      offsets, not averaged).
+      the number of positives in the batch, clamped to >= 1 (box term summed over the ``K``
+      values of each anchor, not averaged).
 
     ``loss = cls_weight * cls_term + box_weight * box_term``.
 
     Args:
         cls_loss: per-anchor classification loss, e.g. :class:`CrossEntropyLoss`.
-        box_loss: elementwise box loss, e.g. :class:`L1Loss`.
+        box_loss: box loss, on offsets (e.g. :class:`L1Loss`) or on boxes; see its ``space``.
         cls_weight: ``>= 0`` (``loss.cls_weight``).
         box_weight: ``>= 0`` (``loss.box_weight``).
         normalize: ``"anchors"`` or ``"positives"`` (``loss.normalize``).
@@ -347,6 +371,12 @@ class MultiBoxLoss(nn.Module):
         self.box_loss = box_loss if box_loss is not None else L1Loss()
         if not callable(self.cls_loss) or not callable(self.box_loss):
             raise ValueError("loss.module.cls_loss and loss.module.box_loss must be callables")
+        self.box_space = getattr(self.box_loss, "space", "offsets")
+        if self.box_space not in BOX_SPACES:
+            raise ValueError(
+                f"loss.module.box_loss.space must be one of {list(BOX_SPACES)} "
+                f"(got {self.box_space!r} on {self.box_loss!r})"
+            )
         if mining is not None and not callable(mining):
             raise ValueError(f"mining.module must be a callable miner or null (got {mining!r})")
         self.cls_weight = _check_real(cls_weight, "loss.cls_weight", ge=0)
@@ -372,7 +402,14 @@ class MultiBoxLoss(nn.Module):
         fn: Any = getattr(self.cls_loss, "background_bias", None)
         return None if fn is None else fn(num_classes)
 
-    def forward(self, cls_logits: Tensor, box_deltas: Tensor, targets: Any) -> LossOutput:
+    def forward(
+        self,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+        targets: Any,
+        anchors: Tensor | None = None,
+        coder: BoxCoder | None = None,
+    ) -> LossOutput:
         """Compute the loss.
 
         Args:
@@ -380,10 +417,19 @@ class MultiBoxLoss(nn.Module):
             box_deltas: ``Tensor[B, A, 4]`` float, predicted offsets (encoder space).
             targets: any object with ``cls_labels[B, A]`` int64 (0 = background),
                 ``box_offsets[B, A, 4]`` float (0 at negatives) and ``pos_mask[B, A]`` bool,
-                e.g. :class:`src.detection.targets.MultiboxTargets`.
+                e.g. :class:`src.detection.targets.MultiboxTargets`; a box-space loss also
+                reads ``matched_boxes[B, A, 4]`` (xyxy, normalised).
+            anchors: ``Tensor[A, 4]`` (or ``[1, A, 4]``) float, xyxy normalised, the anchors the
+                targets were encoded against; required by a box-space loss, unused otherwise.
+            coder: the :class:`~src.detection.coder.BoxCoder` that encoded the targets; decodes
+                ``box_deltas`` for a box-space loss. Default ``BoxCoder()``.
 
         Returns:
             :class:`LossOutput`.
+
+        Raises:
+            ValueError: on inconsistent shapes, or a box-space loss without ``anchors`` or
+                ``targets.matched_boxes``.
 
         """
         labels = targets.cls_labels
@@ -414,10 +460,13 @@ class MultiBoxLoss(nn.Module):
             cls_mask = pos_mask | self.mining(per_cls.detach(), pos_mask)
         cls_terms = torch.where(cls_mask, per_cls, torch.zeros_like(per_cls))
 
-        box_mask = pos_mask.unsqueeze(-1)
-        mask_f = box_mask.to(box_deltas.dtype)
-        per_box = self.box_loss(box_deltas * mask_f, offsets * mask_f.to(offsets.dtype))
-        per_box = torch.where(box_mask, per_box, torch.zeros_like(per_box))  # [B, A, 4]
+        if self.box_space == "boxes":
+            per_box = self._box_space_loss(box_deltas, targets, pos_mask, anchors, coder)
+        else:
+            box_mask = pos_mask.unsqueeze(-1)
+            mask_f = box_mask.to(box_deltas.dtype)
+            per_box = self.box_loss(box_deltas * mask_f, offsets * mask_f.to(offsets.dtype))
+            per_box = torch.where(box_mask, per_box, torch.zeros_like(per_box))  # [B, A, 4]
 
         if self.normalize == "anchors":
             cls_img = cls_terms.mean(dim=1)  # sum over cls_mask / A
@@ -442,9 +491,102 @@ class MultiBoxLoss(nn.Module):
             cls_mask=cls_mask,
         )
 
+    def _box_space_loss(
+        self,
+        box_deltas: Tensor,
+        targets: Any,
+        pos_mask: Tensor,
+        anchors: Tensor | None,
+        coder: BoxCoder | None,
+    ) -> Tensor:
+        """Box-space loss of the positives, scattered into ``Tensor[B, A, 1]`` (0 elsewhere).
+
+        Only the ``P`` positives are decoded and compared: background anchors have no matched
+        box (``matched_boxes`` is 0 there, a degenerate box).
+        """
+        batch, num_anchors = pos_mask.shape
+        name = type(self.box_loss).__name__
+        if anchors is None:
+            raise ValueError(
+                f"the box loss {name} works on boxes: call the loss with anchors= and coder= "
+                "(src.detection.losses.compute_loss does)"
+            )
+        matched_boxes = getattr(targets, "matched_boxes", None)
+        if matched_boxes is None:
+            raise ValueError(
+                f"the box loss {name} works on boxes: targets need matched_boxes[B, A, 4] "
+                "(src.detection.targets.TargetEncoder gives them)"
+            )
+        if anchors.dim() == 3 and anchors.shape[0] == 1:
+            anchors = anchors[0]
+        for key, tensor, shape in (
+            ("anchors", anchors, (num_anchors, 4)),
+            ("targets.matched_boxes", matched_boxes, (batch, num_anchors, 4)),
+        ):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{key} must have shape {list(shape)} to match box_deltas "
+                    f"{list(box_deltas.shape)} (got {list(tensor.shape)})"
+                )
+        coder = coder if coder is not None else BoxCoder()
+        b_idx, a_idx = pos_mask.nonzero(as_tuple=True)  # [P], [P]
+        deltas = box_deltas[b_idx, a_idx]  # [P, 4]
+        # decode caps the sizes at exp(size_clip) times the anchor; the floor exp(-size_clip)
+        # keeps every box from underflowing to zero width or height, where it has no aspect
+        # ratio (CIoU's atan(w / h) is nan at 0 / 0, its gradient at w / 0).
+        min_log_size = -coder.size_clip / coder.variances[1]
+        deltas = torch.cat((deltas[:, :2], deltas[:, 2:].clamp_min(min_log_size)), dim=-1)
+        pred = coder.decode(deltas, anchors[a_idx].to(box_deltas.dtype))
+        per_pos = self.box_loss(pred, matched_boxes[b_idx, a_idx].to(pred.dtype))  # [P]
+        per_box = pred.new_zeros(batch, num_anchors).index_put((b_idx, a_idx), per_pos)
+        return per_box.unsqueeze(-1)  # [B, A, 1]
+
     def extra_repr(self) -> str:
         """Hyper-parameters shown by ``print(module)``."""
         return (
             f"cls_weight={self.cls_weight}, box_weight={self.box_weight}, "
             f"normalize={self.normalize!r}, mining={self.mining!r}"
         )
+
+
+def compute_loss(
+    loss_fn: Callable[..., LossOutput],
+    target_encoder: Callable[..., Any],
+    cls_logits: Tensor,
+    box_deltas: Tensor,
+    anchors: Tensor,
+    targets: Sequence[Mapping[str, Any]],
+) -> tuple[Any, LossOutput]:
+    """Encode a batch's targets against the anchors and compute the loss.
+
+    The one place where the training loss is computed: ``SSDLitModule.model_step`` and the
+    anchor pictures (:func:`src.viz.anchors.analyze_anchors`) both call it, so the pictures
+    show the loss that is trained. The targets are encoded without gradients; the loss gets
+    the anchors and the encoder's coder, so that a box-space loss decodes the predictions
+    exactly as the targets were encoded.
+
+    Args:
+        loss_fn: a :class:`MultiBoxLoss` (or any callable with its signature).
+        target_encoder: a :class:`~src.detection.targets.TargetEncoder`,
+            ``(anchors, targets) -> MultiboxTargets``; its ``coder`` (if any) is passed on.
+        cls_logits: ``Tensor[B, A, C+1]`` float, class 0 = background.
+        box_deltas: ``Tensor[B, A, 4]`` float, predicted offsets.
+        anchors: ``Tensor[A, 4]`` (or ``[1, A, 4]``) float, xyxy normalised to ``[0, 1]``.
+        targets: ``B`` dicts with ``boxes: Tensor[G_i, 4]`` normalised xyxy and
+            ``labels: Tensor[G_i]`` int64 0-based.
+
+    Returns:
+        ``(encoded, losses)``: the :class:`~src.detection.targets.MultiboxTargets` and the
+        :class:`LossOutput`.
+
+    """
+    with torch.no_grad():
+        encoded = target_encoder(anchors, targets)
+    losses = loss_fn(
+        cls_logits,
+        box_deltas,
+        encoded,
+        anchors=anchors,
+        coder=getattr(target_encoder, "coder", None),
+    )
+    return encoded, losses

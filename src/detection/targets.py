@@ -4,7 +4,9 @@ A :class:`TargetEncoder` pads the per-image ground truths into the book's label 
 (:func:`pad_targets`), computes the ``[B, G, A]`` IoU, assigns anchors with the book's rule
 (:func:`~src.detection.matching.match_anchors_batched`, the default) or the SSD paper's
 (:func:`~src.detection.matching.match_anchors_ssd_batched`, ``rule="ssd"``) and encodes the
-matched boxes with a :class:`~src.detection.coder.BoxCoder`.
+matched boxes with a :class:`~src.detection.coder.BoxCoder`. The targets carry both the encoded
+offsets and the matched ground-truth boxes, so that a box loss may work on offsets (L1, smooth L1)
+or on boxes (GIoU, DIoU, CIoU; :mod:`src.detection.losses`).
 :func:`src.detection.compat.multibox_target` is a thin wrapper around
 :meth:`TargetEncoder.encode_padded`.
 """
@@ -46,6 +48,9 @@ class MultiboxTargets(NamedTuple):
         pos_mask: ``Tensor[B, A]`` bool, ``True`` where an anchor has a ground truth.
         matched_idx: ``Tensor[B, A]`` int64, index of the matched ground truth in the image's
             target (row of the padded labels), ``-1`` for background.
+        matched_boxes: ``Tensor[B, A, 4]`` float (dtype of ``box_offsets``), the matched ground
+            truth box, xyxy normalised to ``[0, 1]`` (what ``box_offsets`` encodes); exactly 0 at
+            background anchors. Read by box-space losses (GIoU, DIoU, CIoU).
 
     """
 
@@ -53,6 +58,7 @@ class MultiboxTargets(NamedTuple):
     box_offsets: Tensor
     pos_mask: Tensor
     matched_idx: Tensor
+    matched_boxes: Tensor
 
 
 def _target_name(target: Mapping[str, Any], index: int) -> str:
@@ -197,7 +203,8 @@ class TargetEncoder:
         Returns:
             :class:`MultiboxTargets` with ``A`` anchors: ``cls_labels[B, A]`` int64 (0 =
             background, ``k + 1`` for class ``k``), ``box_offsets[B, A, 4]`` (0 at background),
-            ``pos_mask[B, A]`` bool, ``matched_idx[B, A]`` int64 (-1 = background).
+            ``pos_mask[B, A]`` bool, ``matched_idx[B, A]`` int64 (-1 = background),
+            ``matched_boxes[B, A, 4]`` xyxy (0 at background).
 
         """
         if anchors.dim() == 3 and anchors.shape[0] == 1:
@@ -224,6 +231,7 @@ class TargetEncoder:
         batch, num_anchors = matched.shape
         cls_labels = torch.zeros_like(matched)
         box_offsets = torch.zeros((batch, num_anchors, 4), dtype=dtype, device=anchors.device)
+        matched_boxes = torch.zeros_like(box_offsets)
         # Only the positive anchors (a few per object) are gathered and encoded. ``keys`` may
         # name an anchor twice (matched by the threshold, then by the rule's second step); both
         # copies read its final ground truth, so the repeated writes store equal values.
@@ -234,7 +242,8 @@ class TargetEncoder:
         cls_labels.view(-1)[keys] = rows[:, 0].long() + 1
         offsets = self.coder.encode(rows[:, 1:], anchors[a_idx])  # [P, 4]
         box_offsets.view(-1, 4)[keys] = offsets.to(dtype)
-        return MultiboxTargets(cls_labels, box_offsets, pos, matched)
+        matched_boxes.view(-1, 4)[keys] = rows[:, 1:].to(dtype)
+        return MultiboxTargets(cls_labels, box_offsets, pos, matched, matched_boxes)
 
     def __repr__(self) -> str:
         return (

@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from src.detection.box_ops import scale_boxes
 from src.detection.coder import BoxCoder
+from src.detection.losses import compute_loss
 from src.detection.targets import MultiboxTargets, TargetEncoder
 from src.metrics import BBoxMAE, ClassError, DetectionMeanAveragePrecision
 from src.models.convert import load_initial_weights
@@ -201,9 +202,15 @@ class SSDLitModule(LightningModule):
             anchors=out.anchors.float(),
         )
         with torch.autocast(images.device.type, enabled=False):
-            with torch.no_grad():
-                encoded: MultiboxTargets = self.target_encoder(out.anchors, targets)
-            losses = self.loss_fn(out.cls_logits, out.box_deltas, encoded)
+            encoded: MultiboxTargets
+            encoded, losses = compute_loss(
+                self.loss_fn,
+                self.target_encoder,
+                out.cls_logits,
+                out.box_deltas,
+                out.anchors,
+                targets,
+            )
         return out, encoded, losses
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -488,3 +488,126 @@ def test_hydra_group_overrides(tmp_path):
         assert isinstance(module.mining, HardNegativeMiner)
         cfg = hydra_compose("config")
         assert isinstance(instantiate(cfg.loss.module).box_loss, L1Loss)
+
+
+# ---------------------------------------------------------------- box-space losses
+
+
+class BoxL1(nn.Module):
+    """A box-space loss for the contract tests: L1 of the xyxy corners, summed."""
+
+    space = "boxes"
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (pred - target).abs().sum(-1)
+
+
+# 4 anchors (xyxy), 2 images: image 0 has two objects, image 1 none.
+ANCHORS = torch.tensor(
+    [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.3, 0.3, 0.7, 0.7], [0.4, 0.0, 1.0, 0.4]]
+)
+GTS = [
+    {
+        "boxes": torch.tensor([[0.05, 0.0, 0.5, 0.55], [0.5, 0.45, 0.95, 1.0]]),
+        "labels": torch.tensor([0, 1]),
+    },
+    {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+]
+
+
+def encoded_batch(seed: int = 0):
+    from src.detection.targets import TargetEncoder
+
+    g = torch.Generator().manual_seed(seed)
+    t = TargetEncoder()(ANCHORS, GTS)
+    cls_logits = torch.randn(2, 4, 3, generator=g)
+    box_deltas = torch.randn(2, 4, 4, generator=g)
+    return cls_logits, box_deltas, t
+
+
+def test_targets_carry_matched_boxes():
+    from src.detection.coder import BoxCoder
+
+    _, _, t = encoded_batch()
+    # by hand: anchor 0 -> gt 0 and anchor 1 -> gt 1 (IoU 0.826); anchors 2, 3 below 0.15
+    assert t.pos_mask.tolist() == [[True, True, False, False], [False, False, False, False]]
+    assert torch.equal(t.matched_boxes[0, :2], GTS[0]["boxes"])
+    assert (t.matched_boxes[~t.pos_mask] == 0).all()
+    assert t.matched_boxes.dtype == t.box_offsets.dtype and t.matched_boxes.shape == (2, 4, 4)
+    # the offsets encode exactly the matched boxes
+    assert torch.equal(BoxCoder().encode(t.matched_boxes[0, :2], ANCHORS[:2]), t.box_offsets[0, :2])
+
+
+@pytest.mark.parametrize("normalize", ["anchors", "positives"])
+def test_box_space_loss_decodes_positives(normalize):
+    from src.detection.coder import BoxCoder
+
+    cls_logits, box_deltas, t = encoded_batch()
+    coder = BoxCoder(variances=(0.2, 0.3))
+    out = MultiBoxLoss(CrossEntropyLoss(), BoxL1(), 1.0, 2.0, normalize)(
+        cls_logits, box_deltas, t, anchors=ANCHORS, coder=coder
+    )
+    # by hand: anchors 0 and 1 of image 0 are the positives
+    pred = coder.decode(box_deltas[0, :2], ANCHORS[:2])
+    per_pos = (pred - GTS[0]["boxes"]).abs().sum(-1)  # [2]
+    # anchors: image 0's sum / A (one value per anchor), image 1 has none; mean over 2 images
+    expected = per_pos.sum() / 4 / 2 if normalize == "anchors" else per_pos.sum() / 2
+    torch.testing.assert_close(out.box_loss, 2.0 * expected)
+    torch.testing.assert_close(out.per_anchor_box[0, :2], per_pos)
+    assert (out.per_anchor_box[t.pos_mask.logical_not()] == 0).all()
+    # the coder matters: the default one decodes other boxes
+    default = MultiBoxLoss(CrossEntropyLoss(), BoxL1(), 1.0, 2.0, normalize)(
+        cls_logits, box_deltas, t, anchors=ANCHORS
+    )
+    assert not torch.allclose(default.box_loss, out.box_loss)
+
+
+def test_box_space_loss_gradients_only_at_positives():
+    cls_logits, box_deltas, t = encoded_batch()
+    box_deltas.requires_grad_(True)
+    out = MultiBoxLoss(box_loss=BoxL1())(cls_logits, box_deltas, t, anchors=ANCHORS[None])
+    out.loss.backward()
+    assert (box_deltas.grad[~t.pos_mask] == 0).all()
+    assert (box_deltas.grad[t.pos_mask] != 0).any()
+
+
+def test_box_space_loss_needs_anchors_and_matched_boxes():
+    cls_logits, box_deltas, t = encoded_batch()
+    loss = MultiBoxLoss(box_loss=BoxL1())
+    with pytest.raises(ValueError, match="BoxL1 works on boxes: call the loss with anchors="):
+        loss(cls_logits, box_deltas, t)
+    old_style = Targets(t.cls_labels, t.box_offsets, t.pos_mask, t.matched_idx)
+    with pytest.raises(ValueError, match="targets need matched_boxes"):
+        loss(cls_logits, box_deltas, old_style, anchors=ANCHORS)
+    with pytest.raises(ValueError, match=r"anchors must have shape \[4, 4\]"):
+        loss(cls_logits, box_deltas, t, anchors=ANCHORS[:3])
+    # offset losses ignore anchors and matched_boxes: the book's 4-field targets still work
+    MultiBoxLoss()(cls_logits, box_deltas, old_style)
+
+
+def test_unknown_box_space_is_rejected():
+    class Odd(BoxL1):
+        space = "pixels"
+
+    with pytest.raises(ValueError, match=r"loss\.module\.box_loss\.space must be one of"):
+        MultiBoxLoss(box_loss=Odd())
+
+
+@pytest.mark.parametrize("box_loss", [L1Loss(), BoxL1()])
+def test_compute_loss_is_encoder_then_loss(box_loss):
+    from src.detection.coder import BoxCoder
+    from src.detection.losses import compute_loss
+    from src.detection.targets import TargetEncoder
+
+    encoder = TargetEncoder(coder=BoxCoder(variances=(0.2, 0.3)))
+    cls_logits, box_deltas, _ = encoded_batch()
+    loss_fn = MultiBoxLoss(box_loss=box_loss, mining=HardNegativeMiner(1.0, 1))
+    encoded, out = compute_loss(loss_fn, encoder, cls_logits, box_deltas, ANCHORS, GTS)
+    expected_targets = encoder(ANCHORS, GTS)
+    for a, b in zip(encoded, expected_targets, strict=True):
+        assert torch.equal(a, b)
+    expected = loss_fn(
+        cls_logits, box_deltas, expected_targets, anchors=ANCHORS, coder=encoder.coder
+    )
+    for a, b in zip(out, expected, strict=True):
+        assert torch.equal(a, b)
