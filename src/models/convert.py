@@ -215,13 +215,14 @@ def net_run_config(net: SSD) -> dict[str, Any]:
 
     ``backbone.name`` is the net's ``name`` (``backbone.name`` of the config that built it;
     the backbone's class name for a net built by hand), ``backbone.anchors`` the anchor
-    generator's public attributes (the config's keys).
+    generator's public attributes (the config's keys), ``head.name`` the head's ``name``.
 
     Args:
         net: a built SSD.
 
     Returns:
-        ``{"backbone": {name, image_size, anchors}, "model": {"net": {num_classes}}}``.
+        ``{"backbone": {name, image_size, anchors}, "head": {name}, "model": {"net":
+        {num_classes}}}``.
     """
     generator = net.anchor_generator
     anchors = {k: v for k, v in vars(generator).items() if not k.startswith("_")}
@@ -231,6 +232,7 @@ def net_run_config(net: SSD) -> dict[str, Any]:
             "image_size": int(net.image_size[0]),
             "anchors": anchors,
         },
+        "head": {"name": getattr(net.head, "name", type(net.head).__name__)},
         "model": {"net": {"num_classes": int(net.num_classes)}},
     }
 

@@ -1,4 +1,11 @@
-"""SSD prediction head: one 3x3 class and one 3x3 box predictor per feature level."""
+"""SSD prediction heads, chosen by the ``head`` config group (``conf/head/*.yaml``).
+
+* :class:`SSDHead` (``head=ssd``): one 3x3 class and one 3x3 box predictor per feature level.
+
+Every head is built as ``Head(in_channels, num_anchors_per_location, num_classes, init)`` and
+returns ``(cls_logits[B, A, C + 1], box_deltas[B, A, 4])`` in the anchors' order
+(:func:`flatten_predictions`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,37 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SSDHead", "flatten_predictions"]
+__all__ = ["SSDHead", "flatten_predictions", "init_convs"]
 
-_INITS = ("default", "xavier")
+_INITS = ("default", "xavier", "normal")
+
+
+def init_convs(module: nn.Module, init: str) -> None:
+    """Initialise every ``Conv2d`` inside ``module`` in place.
+
+    Args:
+        module: the head (or any module).
+        init: ``"default"``: PyTorch's own (``reset_parameters``, the book); ``"xavier"``:
+            Xavier-uniform weights, zero biases (``ssd.pytorch``, torchvision's SSD300);
+            ``"normal"``: ``N(0, 0.03)`` weights, zero biases (torchvision's SSDLite).
+
+    Raises:
+        ValueError: another ``init``.
+    """
+    if init not in _INITS:
+        raise ValueError(f"head init must be one of {_INITS}, got {init!r}")
+    for conv in module.modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if init == "default":
+            conv.reset_parameters()
+            continue
+        if init == "xavier":
+            nn.init.xavier_uniform_(conv.weight)
+        else:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.03)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
 
 
 def flatten_predictions(preds: Sequence[Tensor], last_dim: int) -> Tensor:
@@ -47,10 +82,11 @@ class SSDHead(nn.Module):
             generator's ``num_anchors_per_location()``).
         num_classes: number of object classes ``C`` (background excluded).
         init: ``"default"`` keeps PyTorch's initialisation (the book); ``"xavier"`` uses
-            Xavier-uniform weights and zero biases (``ssd.pytorch`` / torchvision).
+            Xavier-uniform weights and zero biases (``ssd.pytorch`` / torchvision);
+            ``"normal"`` ``N(0, 0.03)`` and zero biases (see :func:`init_convs`).
 
     Attributes:
-        name: ``"ssd"``, this head in messages (:func:`src.models.convert.net_run_config`).
+        name: ``"ssd"``, its ``head`` option (``conf/head/ssd.yaml``).
 
     Raises:
         ValueError: on inconsistent arguments.
@@ -88,10 +124,8 @@ class SSDHead(nn.Module):
             nn.Conv2d(c, k * 4, kernel_size=3, padding=1)
             for c, k in zip(self.in_channels, self.num_anchors_per_location, strict=True)
         )
-        if init == "xavier":
-            for conv in [*self.cls_predictors, *self.box_predictors]:
-                nn.init.xavier_uniform_(conv.weight)
-                nn.init.zeros_(conv.bias)
+        if init != "default":  # the book's "default" keeps the constructors' initialisation
+            init_convs(self, init)
 
     @torch.no_grad()
     def init_background_bias(self, value: float | None) -> None:

@@ -1,4 +1,4 @@
-"""Single Shot MultiBox Detector: backbone + 3x3 prediction head + anchors.
+"""Single Shot MultiBox Detector: backbone + prediction head + anchors.
 
 ``SSD(TinyBackbone(), GridAnchorGenerator(...), num_classes=1, image_size=256, pixel_mean=0,
 pixel_std=1/255)`` is the book's TinySSD (1,010,376 parameters); ``SSD(VGG16Backbone(),
@@ -10,7 +10,7 @@ classes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from src.models.heads import SSDHead
 
-__all__ = ["AnchorGenerator", "SSD", "SSDOutput"]
+__all__ = ["AnchorGenerator", "HeadFactory", "SSD", "SSDOutput"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ class AnchorGenerator(Protocol):
         ...
 
 
+#: Builds the head: ``factory(in_channels=[C_l], num_anchors_per_location=[k_l], num_classes=C,
+#: init=...)``, e.g. ``functools.partial(SSDHead)`` (``conf/head/*.yaml`` with ``_partial_``).
+#: The module maps the feature maps to ``(cls_logits[B, A, C+1], box_deltas[B, A, 4])`` in the
+#: anchors' order and has ``num_anchors_per_location`` and ``init_background_bias(value)``.
+HeadFactory = Callable[..., nn.Module]
+
+
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return (image_size, image_size)
@@ -80,7 +87,7 @@ class SSD(nn.Module):
     Args:
         backbone: module mapping normalised ``Tensor[B, 3, H, W]`` to a list of feature maps,
             with an ``out_channels: list[int]`` attribute (one entry per map) and optionally
-            ``head_init`` (``"default"`` or ``"xavier"``).
+            ``head_init`` (how the head is initialised, see :class:`src.models.heads.SSDHead`).
         anchor_generator: e.g. ``GridAnchorGenerator`` or ``SSDDefaultBoxGenerator``; must
             provide ``num_anchors_per_location()`` and
             ``__call__(feature_sizes, image_size, device, dtype) -> Tensor[A, 4]``.
@@ -90,8 +97,10 @@ class SSD(nn.Module):
         pixel_mean: per-channel mean subtracted from the ``[0, 1]`` RGB input.
         pixel_std: per-channel std the input is divided by (``1/255`` reproduces the book's
             ``0..255`` input scale).
-        head_init: ``"default"`` or ``"xavier"``; ``None`` takes ``backbone.head_init``
-            (falling back to ``"default"``).
+        head_init: ``"default"``, ``"xavier"`` or ``"normal"``; ``None`` takes
+            ``backbone.head_init`` (falling back to ``"default"``).
+        head: builds the head (:data:`HeadFactory`, the ``head`` config group); ``None``:
+            :class:`src.models.heads.SSDHead`.
         name: the name of the backbone option that built this net (``backbone.name``: tiny,
             vgg16, ...), for messages; ``None`` for a net built by hand.
 
@@ -114,6 +123,7 @@ class SSD(nn.Module):
         pixel_std: float | Sequence[float] = (1.0, 1.0, 1.0),
         head_init: str | None = None,
         name: str | None = None,
+        head: HeadFactory | None = None,
     ) -> None:
         super().__init__()
         self.name = None if name is None else str(name)
@@ -151,7 +161,12 @@ class SSD(nn.Module):
         self.anchor_generator = anchor_generator
         if head_init is None:
             head_init = getattr(backbone, "head_init", "default")
-        self.head = SSDHead(out_channels, num_anchors, self.num_classes, init=head_init)
+        self.head = (head or SSDHead)(
+            in_channels=out_channels,
+            num_anchors_per_location=num_anchors,
+            num_classes=self.num_classes,
+            init=head_init,
+        )
         self._check_head()
 
     def _check_head(self) -> None:

@@ -13,6 +13,7 @@ from src.detection.anchors import GridAnchorGenerator, SSDDefaultBoxGenerator
 from src.models.backbones.tiny import TinyBackbone
 from src.models.backbones.vgg16 import VGG16Backbone
 from src.models.ssd import SSD
+from tests.conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
 MODEL_NET = {
@@ -39,14 +40,16 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("name", ["tiny", "vgg16", "vgg16_512"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
 def test_backbone_node_keys(name: str) -> None:
-    node = OmegaConf.load(CONF / f"{name}.yaml")
+    node = compose_config("train", [f"backbone={name}"]).backbone
     assert set(node.keys()) == {
         "name", "image_size", "pretrained", "channels_last", "pixel_mean", "pixel_std", "net",
-        "anchors",
+        "anchors", "anchor_set",
     }  # fmt: skip
-    assert node.name == name
+    assert node.anchor_set == name  # the option's name, for the HParams tab
+    # the network's name: the file's (a variant such as tiny_small_anchors keeps its net's)
+    assert name.startswith(node.name)
     assert node.pretrained is None
 
 

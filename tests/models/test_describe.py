@@ -16,10 +16,10 @@ from tests.conftest import compose_config
 @pytest.mark.parametrize(
     ("backbone", "expected"),
     [
-        ("tiny", "backbone=tiny, 1 class, input 256, anchors 0.2-0.961"),
-        ("tiny_small_anchors", "backbone=tiny, 1 class, input 256, anchors 0.1-0.79"),
+        ("tiny", "backbone=tiny, 1 class, input 256, head=ssd, anchors 0.2-0.961"),
+        ("tiny_small_anchors", "backbone=tiny, 1 class, input 256, head=ssd, anchors 0.1-0.79"),
         # SSD300: min_sizes 30 .. max_sizes 315 pixels of 300
-        ("vgg16", "backbone=vgg16, 1 class, input 300, anchors 0.1-1.05"),
+        ("vgg16", "backbone=vgg16, 1 class, input 300, head=ssd, anchors 0.1-1.05"),
     ],
 )
 def test_config_and_built_net_read_alike(backbone: str, expected: str) -> None:
@@ -41,5 +41,5 @@ def test_class_names_and_missing_keys() -> None:
 def test_net_built_by_hand_names_its_backbone_class() -> None:
     net = SSD(TinyBackbone(), GridAnchorGenerator([[0.5]] * 5, [[1.0]] * 5), 3, 256)
     assert describe_model(net_run_config(net)) == (
-        "backbone=TinyBackbone, 3 classes, input 256, anchors 0.5-0.5"
+        "backbone=TinyBackbone, 3 classes, input 256, head=ssd, anchors 0.5-0.5"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.models.heads import SSDHead, flatten_predictions
+from src.models.heads import SSDHead, flatten_predictions, init_convs
 from src.models.tiny_ssd import concat_preds
 
 
@@ -75,3 +75,24 @@ def test_head_validation() -> None:
         SSDHead([8], [4], num_classes=1, init="kaiming")
     with pytest.raises(ValueError, match="2 levels"):
         SSDHead([8, 8], [4, 4], num_classes=1)([torch.zeros(1, 8, 2, 2)])
+
+
+def test_normal_init_zero_bias() -> None:
+    # torchvision's SSDLite initialisation: N(0, 0.03) weights, zero biases
+    torch.manual_seed(0)
+    head = SSDHead([64], [6], num_classes=20, init="normal")
+    weight = head.cls_predictors[0].weight.detach()  # 126 * 64 * 9 = 72,576 draws
+    assert abs(float(weight.mean())) < 1e-3
+    assert abs(float(weight.std()) - 0.03) < 1e-3
+    assert torch.equal(head.cls_predictors[0].bias, torch.zeros(126))
+    assert torch.equal(head.box_predictors[0].bias, torch.zeros(24))
+
+
+def test_init_convs_reaches_nested_convs_and_checks_the_name() -> None:
+    module = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3)), torch.nn.ReLU())
+    init_convs(module, "xavier")
+    assert torch.equal(module[0][0].bias, torch.zeros(4))
+    init_convs(module, "default")  # PyTorch's reset_parameters: non-zero biases again
+    assert bool(module[0][0].bias.abs().sum() > 0)
+    with pytest.raises(ValueError, match="head init"):
+        init_convs(module, "uniform")

@@ -9,6 +9,7 @@ from torch import nn
 from src.detection.anchors import GridAnchorGenerator, SSDDefaultBoxGenerator
 from src.models import tiny_ssd as book
 from src.models.backbones.tiny import TinyBackbone
+from src.models.heads import SSDHead
 from src.models.ssd import SSD, SSDOutput
 
 
@@ -122,3 +123,22 @@ def test_backward_reaches_backbone() -> None:
     (out.cls_logits.sum() + out.box_deltas.sum()).backward()
     assert model.backbone.blk_0[0][0].weight.grad is not None
     assert model.pixel_mean.grad is None
+
+
+def test_head_factory_builds_the_head() -> None:
+    seen = {}
+
+    def factory(**kwargs) -> SSDHead:
+        seen.update(kwargs)
+        return SSDHead(**kwargs)
+
+    model = make_ssd(head=factory)
+    assert seen == {
+        "in_channels": [64, 128, 128, 128, 128],
+        "num_anchors_per_location": [4, 4, 4, 4, 4],
+        "num_classes": 2,
+        "init": "default",
+    }
+    assert isinstance(model.head, SSDHead)
+    with pytest.raises(ValueError, match="anchors per location"):
+        make_ssd(head=lambda **kw: SSDHead(**{**kw, "num_anchors_per_location": [2] * 5}))
