@@ -68,7 +68,7 @@ def test_start_lines_overrides_folder_data_and_model(console_run: tuple[Path, di
     overrides, folder, data, model = start.lines
     assert overrides == "Overrides: loss=smooth_l1 loss.sigma=0.5"
     assert folder == f"Run folder: {out} (full config: {out / 'config.yaml'})"
-    assert data.startswith("Data: BananaDataModule, source=synthetic, 1 class (banana)")
+    assert data.startswith("Data: BananaDataset, source=synthetic, 1 class (banana)")
     assert "16 train / 8 val images, batch 4" in data
     # TinySSD with one class (the book's count, README)
     assert model == "Model: SSD (TinyBackbone), 1 class, 1,010,376 parameters, 4.0 MB"

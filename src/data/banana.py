@@ -18,10 +18,13 @@ Real data lives in ``<data_dir>/banana-detection``, synthetic data (see
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,6 +146,142 @@ def read_label_csv(
     return names, boxes, labels, lines
 
 
+def check_source_args(
+    source: str, download_timeout: float, num_synthetic_train: int, num_synthetic_val: int
+) -> None:
+    """Check the banana source keys (one ``ValueError`` naming the key)."""
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {source!r}")
+    if download_timeout <= 0:
+        raise ValueError(f"data.download_timeout must be > 0, got {download_timeout}")
+    if num_synthetic_train < 1 or num_synthetic_val < 1:
+        raise ValueError(
+            "data.num_synthetic_train and data.num_synthetic_val must be >= 1, got "
+            f"{num_synthetic_train} and {num_synthetic_val}"
+        )
+
+
+def _real_available(real_dir: Path) -> bool:
+    return all((real_dir / d / "label.csv").is_file() for d in SPLIT_DIRS.values())
+
+
+def _download(real_dir: Path, url: str, sha1: str | None, timeout: float) -> None:
+    if real_dir.exists():  # present but incomplete (else _real_available was True)
+        missing = [
+            str(real_dir / d / "label.csv")
+            for d in SPLIT_DIRS.values()
+            if not (real_dir / d / "label.csv").is_file()
+        ]
+        raise DownloadError(
+            f"{real_dir} exists but is incomplete (missing {', '.join(missing)}); "
+            "restore the missing files, or point data.data_dir elsewhere to download a "
+            "fresh copy"
+        )
+    download_and_extract(
+        url,
+        real_dir.parent,
+        REAL_FOLDER,
+        sha1=sha1,
+        timeout=timeout,
+        required=[f"{d}/label.csv" for d in SPLIT_DIRS.values()],
+    )
+
+
+def resolve_source(
+    data_dir: str | os.PathLike[str],
+    source: str = "auto",
+    download: bool = True,
+    url: str = BANANA_URL,
+    sha1: str | None = BANANA_SHA1,
+    download_timeout: float = 60.0,
+    num_synthetic_train: int = 1000,
+    num_synthetic_val: int = 100,
+    seed: int = 0,
+    prefer_existing: bool = True,
+) -> str:
+    """Resolve ``source`` to ``"real"`` or ``"synthetic"``, downloading / generating if needed.
+
+    * ``"real"``: ``<data_dir>/banana-detection``; downloaded (SHA-1 verified, atomic) when
+      missing and ``download``; otherwise a ``FileNotFoundError`` naming the path and the fix.
+    * ``"synthetic"``: ``<data_dir>/banana-synthetic``, generated when missing or stale.
+    * ``"auto"``: a local real copy, else a download (if ``download``), else the synthetic set
+      with a ``WARNING`` saying so.
+
+    Args:
+        data_dir: parent directory of ``banana-detection`` / ``banana-synthetic``.
+        source: ``"auto"``, ``"real"`` or ``"synthetic"``.
+        download: allow downloading the real data.
+        url: archive URL (the book's by default).
+        sha1: expected SHA-1 of the archive.
+        download_timeout: socket timeout in seconds.
+        num_synthetic_train: synthetic training images.
+        num_synthetic_val: synthetic validation images.
+        seed: seed of the synthetic generator.
+        prefer_existing: ``auto`` takes an existing synthetic set before trying to download
+            (a split after the first, another rank after rank 0's ``prepare_data``).
+
+    Returns:
+        ``"real"`` or ``"synthetic"``.
+    """
+    data_dir = Path(data_dir)
+    real_dir, synthetic_dir = data_dir / REAL_FOLDER, data_dir / SYNTHETIC_FOLDER
+
+    def synthetic() -> str:
+        if not synthetic_is_current(synthetic_dir, num_synthetic_train, num_synthetic_val, seed):
+            generate_banana_dataset(synthetic_dir, num_synthetic_train, num_synthetic_val, seed)
+        return "synthetic"
+
+    if source == "synthetic":
+        return synthetic()
+    if _real_available(real_dir):
+        return "real"
+    if source == "real":
+        if not download:
+            raise FileNotFoundError(
+                f"data.source=real but the banana dataset is missing: expected "
+                f"{real_dir}/bananas_train/label.csv and bananas_val/label.csv. Set "
+                "data.download=true to download it, put the book's data there, or use "
+                "data.source=synthetic to train on generated data"
+            )
+        try:
+            _download(real_dir, url, sha1, download_timeout)
+        except DownloadError as err:
+            raise DownloadError(
+                f"{err}. data.source=real needs the real banana dataset in {real_dir}; "
+                "fix the network/URL (data.url), place the data there manually, or use "
+                "data.source=synthetic (or auto) to train on generated data"
+            ) from err
+        return "real"
+    # auto
+    if prefer_existing and synthetic_is_current(
+        synthetic_dir, num_synthetic_train, num_synthetic_val, seed
+    ):
+        logger.info("Using the synthetic banana data in %s", synthetic_dir)
+        return "synthetic"
+    reason = f"no real banana data in {real_dir} and data.download=false"
+    if download and url in _FAILED_DOWNLOADS:
+        reason = (
+            f"the download failed earlier in this process ({_FAILED_DOWNLOADS[url]}); not "
+            "retried (data.source=real retries)"
+        )
+    elif download:
+        try:
+            # a quick try: an offline machine falls back in seconds, not minutes
+            _download(real_dir, url, sha1, min(float(download_timeout), AUTO_TIMEOUT))
+            return "real"
+        except DownloadError as err:
+            _FAILED_DOWNLOADS[url] = str(err)
+            reason = f"the download failed ({err})"
+    synthetic()
+    logger.warning(
+        "data.source=auto: %s; using SYNTHETIC banana data from %s instead. Results are "
+        "not comparable with the book's real dataset; set data.source=real to require it.",
+        reason,
+        synthetic_dir,
+    )
+    return "synthetic"
+
+
 class BananaDataset(DetectionDataset):
     """One split of the banana-detection layout.
 
@@ -156,6 +295,10 @@ class BananaDataset(DetectionDataset):
       ``tv_tensors.Image`` uint8 ``[3, H, W]`` and the same target with ``boxes`` as pixel
       XYXY ``tv_tensors.BoundingBoxes`` (``canvas_size=(H, W)``), and its output is returned.
 
+    The folder is either given (``root``) or found from ``data_dir`` and ``source`` by
+    :func:`resolve_source` (the config's way: real data, downloaded, or the synthetic set);
+    :meth:`prepare` runs that resolution in ``prepare_data``, where downloads belong.
+
     With ``cache=True`` all images are decoded once at construction into one uint8 tensor
     ``[N, 3, H, W]`` (about 200 MB for the book's 1100 images, an
     :class:`src.data.base.ImageCache`), shared copy-on-write with forked DataLoader workers.
@@ -163,31 +306,63 @@ class BananaDataset(DetectionDataset):
 
     Args:
         root: the dataset directory (``.../banana-detection``) when ``split`` is given, else the
-            split directory itself (``.../banana-detection/bananas_train``).
+            split directory itself (``.../banana-detection/bananas_train``); None with
+            ``data_dir``.
         split: ``"train"`` or ``"val"`` (also ``"bananas_train"`` / ``"bananas_val"``), or
             ``None``. Passing a callable here is accepted as ``transform`` (so
             ``BananaDataset(split_dir, transform)`` works).
         transform: optional ``(image, target) -> (image, target)`` callable.
         cache: decode every image up front and keep it in memory as uint8.
+        data_dir: instead of ``root``: the parent of ``banana-detection`` / ``banana-synthetic``;
+            the folder is chosen by :func:`resolve_source` with the keys below.
+        source: ``"auto"``, ``"real"`` or ``"synthetic"``.
+        download: allow downloading the real data.
+        url: archive URL (the book's by default).
+        sha1: expected SHA-1 of the archive.
+        download_timeout: socket timeout in seconds.
+        num_synthetic_train: synthetic training images.
+        num_synthetic_val: synthetic validation images.
+        seed: seed of the synthetic generator.
 
     Raises:
         FileNotFoundError: missing split directory, ``label.csv`` or referenced image (named).
         ValueError: malformed ``label.csv`` (file, line and value named), a label other than 0
             (file and line named), corrupt image (named), box outside its image (file, line,
-            value and image size named).
+            value and image size named), a bad source key (named).
     """
 
     classes: tuple[str, ...] = BANANA_CLASSES
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None = None,
         split: str | Transform | None = None,
         transform: Transform | None = None,
         cache: bool = True,
+        data_dir: str | os.PathLike[str] | None = None,
+        source: str = "auto",
+        download: bool = True,
+        url: str = BANANA_URL,
+        sha1: str | None = BANANA_SHA1,
+        download_timeout: float = 60.0,
+        num_synthetic_train: int = 1000,
+        num_synthetic_val: int = 100,
+        seed: int = 0,
     ) -> None:
         if callable(split) and transform is None:
             split, transform = None, split
+        self.resolved_source: str | None = None
+        if (root is None) == (data_dir is None):
+            raise ValueError("BananaDataset: give either root (a dataset folder) or data_dir")
+        if data_dir is not None:
+            check_source_args(source, download_timeout, num_synthetic_train, num_synthetic_val)
+            self.resolved_source = resolve_source(
+                data_dir, source, download, url, sha1, download_timeout,
+                num_synthetic_train, num_synthetic_val, seed, prefer_existing=True,
+            )  # fmt: skip
+            root = Path(data_dir) / (
+                REAL_FOLDER if self.resolved_source == "real" else SYNTHETIC_FOLDER
+            )
         root = Path(root)
         if split is None:
             split_dir = root
@@ -226,6 +401,44 @@ class BananaDataset(DetectionDataset):
             sizes = [read_image_size(p) for p in self.image_paths]
             self._sizes = torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)
         self._check_inside(csv_path, names, boxes, lines)
+
+    # ------------------------------------------------------------ format hooks
+    @classmethod
+    def read_classes(cls, *args: Any, **kwargs: Any) -> tuple[list[str], list[int] | None]:
+        """``["banana"]``; checks the source keys first (a bad config fails at once)."""
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["data_dir"] is not None:
+            check_source_args(
+                a["source"], a["download_timeout"], a["num_synthetic_train"], a["num_synthetic_val"]
+            )
+        return list(BANANA_CLASSES), None
+
+    @classmethod
+    def prepare(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Resolve the source (download or generate); ``{"resolved_source": ...}``.
+
+        The training split may download (an ``auto`` source tries once); any other split takes
+        what is on disk first, so that the splits of one run always agree.
+        """
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["data_dir"] is None:
+            return {}
+        names = ("source", "download", "url", "sha1", "download_timeout")
+        names += ("num_synthetic_train", "num_synthetic_val", "seed")
+        resolved = resolve_source(
+            a["data_dir"],
+            **{k: a[k] for k in names},
+            prefer_existing=a["split"] not in ("train", SPLIT_DIRS["train"]),
+        )
+        return {"resolved_source": resolved}
+
+    def facts(self) -> dict[str, Any]:
+        """``{"resolved_source": "real" | "synthetic"}`` when built from ``data_dir``."""
+        return {"resolved_source": self.resolved_source} if self.resolved_source else {}
 
     def _check_labels(
         self, csv_path: Path, labels: list[np.ndarray], lines: list[np.ndarray]
@@ -296,21 +509,14 @@ class BananaDataset(DetectionDataset):
 
 
 class BananaDataModule(DetectionDataModule):
-    """LightningDataModule for the banana-detection data (real, downloaded or synthetic).
+    """The banana DataModule of earlier versions, kept so that their checkpoints and code load.
 
-    ``source`` resolution (``prepare_data`` on rank 0 may download / generate; ``setup`` on
-    every rank then only finds what is on disk, falling back to the same procedure if nothing
-    is there, e.g. when ``setup`` is called by hand):
-
-    * ``"real"``: ``<data_dir>/banana-detection``; downloaded (SHA-1 verified, atomic) when
-      missing and ``download``; otherwise a ``FileNotFoundError`` naming the path and the fix.
-    * ``"synthetic"``: ``<data_dir>/banana-synthetic``, generated when missing or stale.
-    * ``"auto"``: a local real copy, else a download (if ``download``), else the synthetic set
-      with a ``WARNING`` saying so.
-
-    The outcome (``"real"`` or ``"synthetic"``) is stored as ``self.hparams["resolved_source"]``
-    in both ``prepare_data`` and ``setup``; it is also re-frozen into ``hparams_initial``,
-    which is what the Trainer sends to the loggers (after ``setup``, in ``_log_hyperparams``).
+    ``conf/data/banana.yaml`` now builds :class:`~src.data.base.DetectionDataModule` with
+    :class:`BananaDataset` factories (``data_dir`` + ``source``) directly; this class makes the
+    same from the old keys. The resolved source (``"real"`` or ``"synthetic"``, see
+    :func:`resolve_source`) is stored as ``self.hparams["resolved_source"]`` in both
+    ``prepare_data`` and ``setup``, and re-frozen into ``hparams_initial``, which is what the
+    Trainer sends to the loggers.
 
     Args:
         data_dir: parent directory of ``banana-detection`` / ``banana-synthetic``.
@@ -320,10 +526,9 @@ class BananaDataModule(DetectionDataModule):
         sha1: expected SHA-1 of the archive.
         download_timeout: socket timeout in seconds.
         batch_size: images per batch.
-        num_workers: DataLoader workers (the image cache is built in ``setup``, before workers
-            fork, so it is shared copy-on-write).
+        num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
-        augment: training augmentation, ``"none"`` or ``"ssd"``.
+        augment: training augmentation.
         image_size: model input side (images are resized to ``image_size x image_size``).
         num_synthetic_train: synthetic training images.
         num_synthetic_val: synthetic validation images.
@@ -349,30 +554,32 @@ class BananaDataModule(DetectionDataModule):
         seed: int = 0,
         cache: bool = True,
     ) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {source!r}")
+        self.data_dir = Path(data_dir)
+        options = {
+            "data_dir": str(self.data_dir),
+            "source": source,
+            "download": download,
+            "url": url,
+            "sha1": sha1,
+            "download_timeout": download_timeout,
+            "num_synthetic_train": num_synthetic_train,
+            "num_synthetic_val": num_synthetic_val,
+            "seed": seed,
+        }
+        split = functools.partial(BananaDataset, cache=False, **options)
         super().__init__(
-            BANANA_CLASSES,
-            augment=augment,
-            image_size=image_size,
+            train=functools.partial(split, split="train"),
+            val=functools.partial(split, split="val"),
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            augment=augment,
+            image_size=image_size,
             cache=cache,
             fill=IMAGENET_MEAN,
+            **options,
         )
-        if download_timeout <= 0:
-            raise ValueError(f"data.download_timeout must be > 0, got {download_timeout}")
-        if num_synthetic_train < 1 or num_synthetic_val < 1:
-            raise ValueError(
-                "data.num_synthetic_train and data.num_synthetic_val must be >= 1, got "
-                f"{num_synthetic_train} and {num_synthetic_val}"
-            )
-        self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
-        self._resolved: str | None = None
 
-    # ------------------------------------------------------------------ resolution
     @property
     def real_dir(self) -> Path:
         """Directory of the real data, ``<data_dir>/banana-detection``."""
@@ -386,140 +593,11 @@ class BananaDataModule(DetectionDataModule):
     @property
     def resolved_source(self) -> str | None:
         """``"real"`` / ``"synthetic"`` once resolved, else ``None``."""
-        return self._resolved
+        return self.hparams.get("resolved_source")
 
     @property
     def dataset_dir(self) -> Path:
         """Directory the datasets are read from (after resolution)."""
-        if self._resolved is None:
+        if self.resolved_source is None:
             raise RuntimeError("BananaDataModule: call prepare_data() or setup() first")
-        return self.real_dir if self._resolved == "real" else self.synthetic_dir
-
-    def _real_available(self) -> bool:
-        return all((self.real_dir / d / "label.csv").is_file() for d in SPLIT_DIRS.values())
-
-    def _synthetic_current(self) -> bool:
-        hp = self.hparams
-        return synthetic_is_current(
-            self.synthetic_dir, hp.num_synthetic_train, hp.num_synthetic_val, hp.seed
-        )
-
-    def _download(self, timeout: float | None = None) -> None:
-        hp = self.hparams
-        if self.real_dir.exists():  # present but incomplete (else _real_available was True)
-            missing = [
-                str(self.real_dir / d / "label.csv")
-                for d in SPLIT_DIRS.values()
-                if not (self.real_dir / d / "label.csv").is_file()
-            ]
-            raise DownloadError(
-                f"{self.real_dir} exists but is incomplete (missing {', '.join(missing)}); "
-                "restore the missing files, or point data.data_dir elsewhere to download a "
-                "fresh copy"
-            )
-        download_and_extract(
-            hp.url,
-            self.data_dir,
-            REAL_FOLDER,
-            sha1=hp.sha1,
-            timeout=hp.download_timeout if timeout is None else timeout,
-            required=[f"{d}/label.csv" for d in SPLIT_DIRS.values()],
-        )
-
-    def _generate(self) -> None:
-        hp = self.hparams
-        generate_banana_dataset(
-            self.synthetic_dir, hp.num_synthetic_train, hp.num_synthetic_val, hp.seed
-        )
-
-    def _resolve(self, prefer_existing: bool) -> str:
-        """Resolve ``source`` to ``"real"`` or ``"synthetic"``, downloading/generating if needed.
-
-        Args:
-            prefer_existing: if True (``setup`` under a Trainer, after rank 0's
-                ``prepare_data``), ``auto`` takes an existing synthetic set before trying to
-                download.
-        """
-        source = self.hparams.source
-        if source == "synthetic":
-            if not self._synthetic_current():
-                self._generate()
-            return "synthetic"
-        if self._real_available():
-            return "real"
-        if source == "real":
-            if not self.hparams.download:
-                raise FileNotFoundError(
-                    f"data.source=real but the banana dataset is missing: expected "
-                    f"{self.real_dir}/bananas_train/label.csv and bananas_val/label.csv. Set "
-                    "data.download=true to download it, put the book's data there, or use "
-                    "data.source=synthetic to train on generated data"
-                )
-            try:
-                self._download()
-            except DownloadError as err:
-                raise DownloadError(
-                    f"{err}. data.source=real needs the real banana dataset in {self.real_dir}; "
-                    "fix the network/URL (data.url), place the data there manually, or use "
-                    "data.source=synthetic (or auto) to train on generated data"
-                ) from err
-            return "real"
-        # auto
-        if prefer_existing and self._synthetic_current():
-            logger.info("Using the synthetic banana data in %s", self.synthetic_dir)
-            return "synthetic"
-        reason = f"no real banana data in {self.real_dir} and data.download=false"
-        url = self.hparams.url
-        if self.hparams.download and url in _FAILED_DOWNLOADS:
-            reason = (
-                f"the download failed earlier in this process ({_FAILED_DOWNLOADS[url]}); not "
-                "retried (data.source=real retries)"
-            )
-        elif self.hparams.download:
-            try:
-                # a quick try: an offline machine falls back in seconds, not minutes
-                self._download(timeout=min(float(self.hparams.download_timeout), AUTO_TIMEOUT))
-                return "real"
-            except DownloadError as err:
-                _FAILED_DOWNLOADS[url] = str(err)
-                reason = f"the download failed ({err})"
-        if not self._synthetic_current():
-            self._generate()
-        logger.warning(
-            "data.source=auto: %s; using SYNTHETIC banana data from %s instead. Results are "
-            "not comparable with the book's real dataset; set data.source=real to require it.",
-            reason,
-            self.synthetic_dir,
-        )
-        return "synthetic"
-
-    def _record(self, resolved: str) -> None:
-        self._resolved = resolved
-        # The Trainer logs ``hparams_initial`` (a frozen copy taken by save_hyperparameters),
-        # not ``hparams``: save_hyperparameters(dict) merges the key into ``hparams`` and
-        # re-freezes ``hparams_initial`` so the logged hyper-parameters include it.
-        self.save_hyperparameters({"resolved_source": resolved})
-
-    def prepare_data(self) -> None:
-        """Download or generate the data if needed (rank 0 only) and record the source."""
-        self._record(self._resolve(prefer_existing=False))
-
-    def setup(self, stage: str | None = None) -> None:
-        """Resolve the source (if ``prepare_data`` did not run in this process), build datasets.
-
-        Args:
-            stage: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None`` (all).
-        """
-        if self._resolved is None:  # prepare_data ran on another rank / was not called
-            self._record(self._resolve(prefer_existing=self.trainer is not None))
-        super().setup(stage)
-
-    def build_dataset(self, split: str) -> BananaDataset:
-        """The :class:`BananaDataset` of ``split`` (``"test"`` is the validation split)."""
-        train = split == "train"
-        return BananaDataset(
-            self.dataset_dir,
-            "train" if train else "val",
-            transform=self.train_transform if train else self.eval_transform,
-            cache=self.cache,
-        )
+        return self.real_dir if self.resolved_source == "real" else self.synthetic_dir

@@ -29,6 +29,7 @@ boxes into normalised xyxy):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -50,6 +52,7 @@ from src.data.transforms import AUGMENTATIONS, IMAGENET_MEAN, build_transforms, 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "DataFormatError",
     "DetectionDataModule",
     "DetectionDataset",
@@ -66,6 +69,9 @@ __all__ = [
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_REPORTED = 5
+#: image files the folder-based formats (plain VOC folders, YOLO) pick up (what
+#: :func:`read_image` decodes)
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
 
 
 class DataFormatError(ValueError):
@@ -316,6 +322,47 @@ class DetectionDataset(Dataset):
         """The exception raised for a bad image (subclasses use their format's error)."""
         return DataFormatError(message)
 
+    # ------------------------------------------------------------ format hooks (class level)
+    @classmethod
+    def read_classes(cls, *args: Any, **kwargs: Any) -> tuple[list[str], list[int] | None]:
+        """The class names a dataset built with these arguments will have, read cheaply.
+
+        :class:`DetectionDataModule` calls it with its ``train`` factory's arguments in
+        ``__init__``, before any dataset is built, to size the model; a format whose classes
+        live in its files (COCO categories, YOLO ``names``) reads just those, and may check its
+        arguments here so that a bad config fails at once.
+
+        Returns:
+            ``(names, category_ids)``: label ``i`` is ``names[i]``; ``category_ids[i]`` is its
+            id in COCO result files, or None for ``1..C``. Default: the class attribute
+            ``classes``.
+
+        Raises:
+            TypeError: the format cannot say its classes before it is built.
+        """
+        if not cls.classes:
+            raise TypeError(
+                f"{cls.__name__} does not say its classes before it is built: implement "
+                "read_classes()"
+            )
+        return list(cls.classes), None
+
+    @classmethod
+    def prepare(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Fetch or generate the files a dataset built with these arguments reads.
+
+        :meth:`DetectionDataModule.prepare_data` calls it once per distinct factory, on one
+        process only (Lightning's place for downloads). Default: nothing to do.
+
+        Returns:
+            Facts to record in the DataModule's hyper-parameters (e.g. ``resolved_source``).
+        """
+        return {}
+
+    def facts(self) -> dict[str, Any]:
+        """Facts found while building this dataset, recorded in the DataModule's hparams."""
+        return {}
+
     # ------------------------------------------------------------ shared behaviour
     @property
     def num_classes(self) -> int:
@@ -445,46 +492,129 @@ class DetectionDataset(Dataset):
         return {"images": images, "annotations": annotations, "categories": categories}
 
 
-class DetectionDataModule(LightningDataModule):
-    """Base DataModule: shared config keys, transforms, class names and the four DataLoaders.
+DatasetFactory = Callable[..., "DetectionDataset"]
 
-    Subclasses call ``super().__init__(...)`` with the class names and implement
-    :meth:`build_dataset`; :meth:`test_is_val` says when the test split is the validation split
-    (the test loader then reuses the validation dataset).
+
+def _factory_parts(factory: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``(target, args, keywords)`` of a dataset factory (a ``functools.partial`` or a class)."""
+    if isinstance(factory, functools.partial):
+        return factory.func, tuple(factory.args), dict(factory.keywords)
+    return factory, (), {}
+
+
+def _same_factory(a: Any, b: Any) -> bool:
+    """Whether two dataset factories build the same dataset (same target and arguments)."""
+    if a is b:
+        return True
+    fa, aa, ka = _factory_parts(a)
+    fb, ab, kb = _factory_parts(b)
+    if fa is not fb or len(aa) != len(ab) or set(ka) != set(kb):
+        return False
+    try:
+        return bool(aa == ab) and all(bool(ka[k] == kb[k]) for k in ka)
+    except Exception:  # values without a usable ==: treat as different
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers and paths as plain Python values (for ``hparams``)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class DetectionDataModule(LightningDataModule):
+    """The one DataModule of every format: dataset factories in, four DataLoaders out.
+
+    A format contributes a :class:`DetectionDataset` subclass; its config
+    (``conf/data/<format>.yaml``) gives the factories as ``_partial_: true`` objects and includes
+    ``conf/data/_loader.yaml``, which holds the loader arguments below once::
+
+        defaults: [_loader, _self_]
+        _target_: src.data.base.DetectionDataModule
+        root: ???
+        train: {_target_: src.data.my_format.MyDataset, _partial_: true, root: ${..root},
+                split: train}
+        val: {_target_: src.data.my_format.MyDataset, _partial_: true, root: ${..root},
+              split: val}
+
+    Each factory is called once, in :meth:`setup`, as ``factory(transform=...)`` (the training
+    pipeline for ``train``, the deterministic one for ``val`` and ``test``). The class names are
+    known right after ``__init__`` (the model is sized from them): the ``train`` factory's
+    :meth:`DetectionDataset.read_classes` reads them without building the dataset. Every other
+    split must have the same classes. :meth:`prepare_data` calls each factory's
+    :meth:`DetectionDataset.prepare` (downloads, generated data).
+
+    Every argument, the format's own keys (``**options``) included, is saved as a
+    hyper-parameter (``self.hparams``: logged, stored in checkpoints, shown by the start
+    summary); the factories themselves are not.
 
     Args:
-        classes: the object class names (label ``i`` is ``classes[i]``).
-        category_ids: the COCO category id of each label in result files (default ``1..C``).
-        augment: training augmentation, ``"none"`` or ``"ssd"``.
-        image_size: model input side ``S`` or ``[H, W]``.
+        train: factory of the training split.
+        val: factory of the validation split.
+        test: factory of the test split; None, or a factory equal to ``val`` (same target and
+            arguments): the test split is the validation split (one dataset serves both).
         batch_size: images per batch.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (the image cache is built in ``setup``, before the
+            workers fork, so they share it copy-on-write).
         pin_memory: DataLoader ``pin_memory``.
-        skip_invalid: skip invalid annotations / images with a warning instead of raising.
-        cache: decode every image once in ``setup`` and keep it in memory.
+        augment: training augmentation, ``"none"``, ``"flip"`` or ``"ssd"``
+            (:func:`src.data.transforms.build_transforms`).
+        image_size: model input side ``S`` or ``[H, W]``.
+        cache: decode every image once in ``setup`` and keep it in memory (uint8).
         fill: zoom-out fill colour (RGB in ``[0, 1]``).
+        **options: the format's own config keys (``data.root``, ``data.train_sets``, ...) that
+            the factories read through interpolation (``${..root}``); only recorded here.
 
     Attributes:
-        classes: the class names.
+        classes: the class names (label ``i`` is ``classes[i]``).
         num_classes: ``len(classes)``.
-        category_ids: COCO category id of each label.
+        category_ids: COCO category id of each label (a COCO JSON's ids, else ``1..C``).
         train_dataset, val_dataset, test_dataset: built by :meth:`setup`.
+
+    Raises:
+        ValueError: a loader argument out of range (the config key is named).
+        TypeError: a factory is missing or is not a :class:`DetectionDataset` (partial), or
+            ``num_classes`` is given (the count comes from the classes).
     """
 
     def __init__(
         self,
-        classes: Sequence[str],
-        category_ids: Sequence[int] | None = None,
-        augment: str = "none",
-        image_size: int | Sequence[int] = 300,
+        train: DatasetFactory,
+        val: DatasetFactory,
+        test: DatasetFactory | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: bool = False,
-        skip_invalid: bool = False,
+        augment: str = "none",
+        image_size: int | Sequence[int] = 300,
         cache: bool = False,
         fill: Sequence[float] = IMAGENET_MEAN,
+        **options: Any,
     ) -> None:
         super().__init__()
+        if "num_classes" in options:
+            raise TypeError(
+                "data.num_classes is not a config key: the class count comes from the classes "
+                "(data.classes, or the dataset's own list); remove it"
+            )
+        for split, factory in (("train", train), ("val", val), ("test", test)):
+            if factory is None and split != "test":
+                raise TypeError(
+                    f"data.{split} is missing: give a dataset factory (_partial_: true)"
+                )
+            target = _factory_parts(factory)[0] if factory is not None else None
+            if factory is not None and not (
+                isinstance(target, type) and issubclass(target, DetectionDataset)
+            ):
+                raise TypeError(
+                    f"data.{split} must build a DetectionDataset subclass (a _target_ with "
+                    f"_partial_: true), got {factory!r}"
+                )
         if augment not in AUGMENTATIONS:
             raise ValueError(
                 f"data.augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}"
@@ -494,10 +624,15 @@ class DetectionDataModule(LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if int(num_workers) < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.classes: list[str] = list(classes)
+        self.factories: dict[str, DatasetFactory | None] = {
+            "train": train,
+            "val": val,
+            "test": test,
+        }
+        names, ids = self._call_hook(train, "read_classes")
+        self.classes: list[str] = [str(n) for n in names]
         if not self.classes:
-            raise ValueError(f"{type(self).__name__}: no object classes")
-        ids = list(category_ids) if category_ids is not None else None
+            raise ValueError(f"{self.format_name}: no object classes")
         self.category_ids: list[int] = (
             [int(c) for c in ids] if ids is not None else list(range(1, len(self.classes) + 1))
         )
@@ -506,43 +641,105 @@ class DetectionDataModule(LightningDataModule):
                 f"{len(self.category_ids)} category ids for {len(self.classes)} classes"
             )
         self.augment = augment
-        self.image_size = image_size
+        self.image_size = _plain(image_size)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.skip_invalid = bool(skip_invalid)
         self.cache = bool(cache)
         self.fill = tuple(float(f) for f in fill)
-        self.train_transform = build_transforms(True, image_size, augment, self.fill)
-        self.eval_transform = build_transforms(False, image_size, "none", self.fill)
+        self.train_transform = build_transforms(True, self.image_size, augment, self.fill)
+        self.eval_transform = build_transforms(False, self.image_size, "none", self.fill)
         self.train_dataset: DetectionDataset | None = None
         self.val_dataset: DetectionDataset | None = None
         self.test_dataset: DetectionDataset | None = None
+        self._prepared = False
+        self.save_hyperparameters(
+            {
+                "batch_size": self.batch_size,
+                "num_workers": self.num_workers,
+                "pin_memory": self.pin_memory,
+                "augment": augment,
+                "image_size": self.image_size,
+                "cache": self.cache,
+                **{k: _plain(v) for k, v in options.items()},
+            }
+        )
+
+    @staticmethod
+    def _call_hook(factory: DatasetFactory, name: str) -> Any:
+        """Call the factory target's class method ``name`` with the factory's arguments."""
+        target, args, keywords = _factory_parts(factory)
+        return getattr(target, name)(*args, **keywords)
 
     @property
     def num_classes(self) -> int:
         """Number of object classes (the model adds background)."""
         return len(self.classes)
 
-    def build_dataset(self, split: str) -> DetectionDataset:
-        """Build the dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``).
+    @property
+    def format_name(self) -> str:
+        """The dataset class of the training factory, e.g. ``"VOCDataset"``."""
+        return getattr(_factory_parts(self.factories["train"])[0], "__name__", "dataset")
 
-        Training sets use ``self.train_transform``, evaluation sets ``self.eval_transform``.
-        """
-        raise NotImplementedError
+    @property
+    def skip_invalid(self) -> bool:
+        """The format's ``skip_invalid`` option (False when it has none)."""
+        return bool(self.hparams.get("skip_invalid", False))
 
     def test_is_val(self) -> bool:
-        """Whether the test split is the validation split (default True)."""
-        return True
+        """Whether the test split is the validation split (no or the same factory)."""
+        test = self.factories["test"]
+        return test is None or _same_factory(test, self.factories["val"])
+
+    def _record(self, facts: dict[str, Any]) -> None:
+        """Add facts found while preparing / building (e.g. ``resolved_source``) to hparams.
+
+        ``save_hyperparameters(dict)`` merges them and re-freezes ``hparams_initial``, which is
+        what the Trainer sends to the loggers (after ``setup``).
+        """
+        if facts and any(self.hparams.get(k) != v for k, v in facts.items()):
+            self.save_hyperparameters({k: _plain(v) for k, v in facts.items()})
+
+    def prepare_data(self) -> None:
+        """Call each distinct factory's :meth:`DetectionDataset.prepare` (rank 0 only)."""
+        seen: list[DatasetFactory] = []
+        for factory in self.factories.values():
+            if factory is None or any(_same_factory(factory, s) for s in seen):
+                continue
+            seen.append(factory)
+            self._record(self._call_hook(factory, "prepare") or {})
+        self._prepared = True
+
+    def build_dataset(self, split: str) -> DetectionDataset:
+        """Build the dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``) from its factory.
+
+        Raises:
+            DataFormatError: its classes differ from the training split's.
+        """
+        transform = self.train_transform if split == "train" else self.eval_transform
+        factory = self.factories[split] or self.factories["val"]
+        dataset = factory(transform=transform)
+        if list(dataset.classes) != self.classes:
+            raise DataFormatError(
+                f"the {split} split has the classes {list(dataset.classes)} but the train split "
+                f"{self.classes}: every split needs the same class list (data.classes)"
+            )
+        return dataset
 
     def _build(self, split: str) -> DetectionDataset:
         dataset = self.build_dataset(split)
         if self.cache and not dataset.cached:
             dataset.build_cache()
+        self._record(dataset.facts())
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        """Build (once) the datasets ``stage`` needs (annotations are parsed here)."""
+        """Build (once) the datasets ``stage`` needs (annotations are parsed here).
+
+        Called by hand, without a Trainer and before :meth:`prepare_data`, it prepares first.
+        """
+        if not self._prepared and self.trainer is None:
+            self.prepare_data()
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._build("train")
         if stage in (None, "fit", "validate") and self.val_dataset is None:

@@ -30,6 +30,8 @@ the counts.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -148,6 +150,32 @@ def parse_categories(
     return [ids[i] for i in order], [names[i] for i in order]
 
 
+#: the last COCO JSON that :meth:`CocoDataset.read_classes` parsed, kept for the dataset built
+#: next from the same file (a big train JSON is then read once), keyed by path, size and mtime
+_PARSED: dict[tuple[str, int, int], dict[str, Any]] = {}
+#: categories ``(ids, names)`` of the JSON files read so far, by the same key
+_CATEGORIES: dict[tuple[str, int, int], tuple[list[int], list[str]]] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _categories_of(path: Path, key: str) -> tuple[list[int], list[str]]:
+    """The sorted categories of a COCO JSON, read once per file version."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        load_coco_json(path, key)  # raises the FileNotFoundError naming the key
+    file_key = _file_key(path)
+    if file_key not in _CATEGORIES:
+        data = load_coco_json(path, key)
+        _CATEGORIES[file_key] = parse_categories(data, path)
+        _PARSED.clear()
+        _PARSED[file_key] = data
+    return _CATEGORIES[file_key]
+
+
 def _positive_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -174,6 +202,11 @@ class CocoDataset(DetectionDataset):
         skip_invalid: leave out invalid annotations / images with one WARNING instead of
             raising.
         data: the already parsed JSON (saves reading it twice), else it is read here.
+        categories_from: another split's COCO JSON (the train JSON) whose categories this one
+            must use: ``category_ids`` and ``classes`` are read from it, and a category of this
+            JSON with one of its ids but another name is an error.
+        split: ``"train"``, ``"val"`` or ``"test"``: names the config key in errors
+            (``data.val_json``).
 
     Raises:
         FileNotFoundError: ``json_path`` or ``images_dir`` does not exist.
@@ -190,13 +223,35 @@ class CocoDataset(DetectionDataset):
         keep_crowd: bool = True,
         skip_invalid: bool = False,
         data: dict[str, Any] | None = None,
+        categories_from: str | os.PathLike[str] | None = None,
+        split: str | None = None,
     ) -> None:
         self.json_path = Path(json_path).expanduser()
         self.images_dir = Path(images_dir).expanduser()
         self.transform = transform
         self.keep_crowd = bool(keep_crowd)
         self.skip_invalid = bool(skip_invalid)
-        data = data if data is not None else load_coco_json(self.json_path)
+        key = f"data.{split}_json" if split else "json_path"
+        if not split and categories_from is not None:
+            key = "data.val_json / data.test_json"
+        if data is None:
+            stashed = (
+                _PARSED.pop(_file_key(self.json_path), None) if self.json_path.is_file() else None
+            )
+            data = stashed if stashed is not None else load_coco_json(self.json_path, key)
+        if categories_from is not None:
+            source = Path(categories_from).expanduser()
+            ref_ids, ref_names = _categories_of(source, "data.train_json")
+            names_by_id = dict(zip(ref_ids, ref_names, strict=True))
+            for cid, name in zip(*parse_categories(data, self.json_path), strict=True):
+                if cid in names_by_id and names_by_id[cid] != name:
+                    raise CocoFormatError(
+                        f"{self.json_path}: category id {cid} is named {name!r} but "
+                        f"{names_by_id[cid]!r} in {source}; every split must use the train "
+                        "JSON's category ids and names"
+                    )
+            category_ids = ref_ids if category_ids is None else category_ids
+            classes = ref_names if classes is None else classes
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.images_dir} (for {self.json_path}) does not exist; set "
@@ -229,6 +284,23 @@ class CocoDataset(DetectionDataset):
             int(self._crowd_all.sum()),
             len(self.classes),
         )
+
+    @classmethod
+    def read_classes(cls, *args: Any, **kwargs: Any) -> tuple[list[str], list[int] | None]:
+        """The categories of ``categories_from`` or ``json_path``, sorted by id: ``(names, ids)``.
+
+        The parsed JSON is kept for the dataset built next from the same file, so that a big
+        train JSON is read once.
+        """
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["category_ids"] is not None and a["classes"] is not None:
+            return list(a["classes"]), list(a["category_ids"])
+        source = a["categories_from"] if a["categories_from"] is not None else a["json_path"]
+        split = a["split"] if a["categories_from"] is None else "train"
+        ids, names = _categories_of(Path(source), f"data.{split or 'train'}_json")
+        return names, ids
 
     # ------------------------------------------------------------ parsing
     def _fail(self, message: str) -> None:
@@ -424,12 +496,12 @@ class CocoDataset(DetectionDataset):
 
 
 class CocoDataModule(DetectionDataModule):
-    """COCO-format DataModule: ``data=coco data.train_json=... data.train_images=...``.
+    """The COCO DataModule of earlier versions, kept so that their checkpoints and code load.
 
-    The class names and ids are read from the train JSON's ``categories`` in ``__init__``, so
-    ``classes``, ``num_classes`` and ``category_ids`` are known before ``setup`` (the model is
-    sized from them). The validation and test JSONs must use the same category ids (names
-    agreeing); their annotations of other categories are invalid.
+    ``conf/data/coco.yaml`` now builds :class:`~src.data.base.DetectionDataModule` with
+    :class:`CocoDataset` factories directly; this class makes the same from the old keys. The
+    class names and ids are read from the train JSON's ``categories`` in ``__init__``; the
+    validation and test JSONs must use the same category ids (names agreeing).
 
     Args:
         train_json: COCO JSON of the training split.
@@ -439,7 +511,7 @@ class CocoDataModule(DetectionDataModule):
         test_json: COCO JSON of the test split; None: the validation split.
         test_images: its image folder (required with ``test_json``).
         skip_invalid: leave out invalid annotations / images with a WARNING instead of raising.
-        augment: training augmentation, ``"ssd"`` or ``"none"``.
+        augment: training augmentation.
         image_size: model input side ``S`` or ``[H, W]``.
         batch_size: images per batch.
         num_workers: DataLoader workers.
@@ -485,54 +557,35 @@ class CocoDataModule(DetectionDataModule):
             for split, (j, i) in paths.items()
             if j is not None
         }
-        self._loaded: dict[str, dict[str, Any]] = {
-            "train": load_coco_json(self.paths["train"][0], "data.train_json")
+
+        def factory(split: str) -> functools.partial[CocoDataset]:
+            json_path, images_dir = self.paths[split]
+            return functools.partial(
+                CocoDataset,
+                json_path=json_path,
+                images_dir=images_dir,
+                keep_crowd=split != "train",
+                skip_invalid=bool(skip_invalid),
+                categories_from=None if split == "train" else self.paths["train"][0],
+                split=split,
+            )
+
+        keys = {
+            f"{split}_{kind}": None if value is None else str(value)
+            for split, pair in paths.items()
+            for kind, value in zip(("json", "images"), pair, strict=True)
         }
-        ids, names = parse_categories(self._loaded["train"], self.paths["train"][0])
         super().__init__(
-            names,
-            category_ids=ids,
+            train=factory("train"),
+            val=factory("val"),
+            test=factory("test") if "test" in self.paths else None,
             augment=augment,
             image_size=image_size,
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            skip_invalid=skip_invalid,
             cache=cache,
             fill=fill,
-        )
-
-    def test_is_val(self) -> bool:
-        """Whether no ``test_json`` was given."""
-        return "test" not in self.paths
-
-    def _split_data(self, split: str) -> dict[str, Any]:
-        """The parsed JSON of ``split`` (read once), checked against the train categories."""
-        if split in self._loaded:
-            return self._loaded.pop(split)
-        json_path = self.paths[split][0]
-        data = load_coco_json(json_path, f"data.{split}_json")
-        train_names = dict(zip(self.category_ids, self.classes, strict=True))
-        for cid, name in zip(*parse_categories(data, json_path), strict=True):
-            if cid in train_names and train_names[cid] != name:
-                raise CocoFormatError(
-                    f"{json_path}: category id {cid} is named {name!r} but {train_names[cid]!r} "
-                    f"in {self.paths['train'][0]}; every split must use the train JSON's "
-                    "category ids and names"
-                )
-        return data
-
-    def build_dataset(self, split: str) -> CocoDataset:
-        """The :class:`CocoDataset` of ``split`` (crowd regions left out for training)."""
-        train = split == "train"
-        json_path, images_dir = self.paths[split]
-        return CocoDataset(
-            json_path,
-            images_dir,
-            self.train_transform if train else self.eval_transform,
-            category_ids=self.category_ids,
-            classes=self.classes,
-            keep_crowd=not train,
-            skip_invalid=self.skip_invalid,
-            data=self._split_data(split),
+            skip_invalid=bool(skip_invalid),
+            **keys,
         )

@@ -32,6 +32,9 @@ the metric ignores them as the devkit does.
 
 from __future__ import annotations
 
+import csv
+import functools
+import inspect
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -45,6 +48,7 @@ import torch
 from torch import Tensor
 
 from src.data.base import (
+    IMAGE_SUFFIXES,
     DataFormatError,
     DetectionDataModule,
     DetectionDataset,
@@ -93,7 +97,11 @@ VOC_CLASSES: tuple[str, ...] = (
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
 UNKNOWN_CLASSES: tuple[str, ...] = ("error", "skip")
 
-ImageSets = Sequence[Sequence[Any]]
+ImageSets = Sequence[Any]
+#: the default of :class:`VOCDataset`'s ``pool``: draw the hold-out from ``image_sets``
+SAME_AS_IMAGE_SETS: Any = object()
+#: a normalised image-set entry: ``(year, set)`` or ``(None, set name or list file)``
+SetEntry = tuple[str | None, str]
 
 
 class VOCAnnotationError(DataFormatError):
@@ -263,24 +271,132 @@ def parse_voc_annotation(
     return record, skipped
 
 
-def _normalise_image_sets(image_sets: ImageSets, key: str) -> list[tuple[str, str]]:
-    """Validate ``[[year, set], ...]`` and return ``[("2007", "trainval"), ...]``."""
+def _is_list_file(name: str) -> bool:
+    """Whether an image-set entry names a list file (``.txt`` / ``.csv``) rather than a set."""
+    return name.lower().endswith((".txt", ".csv")) or "/" in name or os.sep in name
+
+
+def show_sets(entries: Sequence[SetEntry]) -> str:
+    """Image-set entries for people: ``VOC2007/trainval, train_labels.csv`` (``all XMLs``)."""
+    if not entries:
+        return "all annotations"
+    return ", ".join(name if year is None else f"VOC{year}/{name}" for year, name in entries)
+
+
+def _normalise_image_sets(image_sets: ImageSets | None, key: str) -> list[SetEntry]:
+    """Validate the image-set entries of ``key``.
+
+    Entries: ``[year, set]`` pairs (a VOCdevkit root), set names (``ImageSets/Main/<set>.txt``
+    of a plain VOC folder) and list files (a ``.txt`` with one image stem a line, or a ``.csv``
+    with a ``filename`` column).
+
+    Returns:
+        ``[(year, name), ...]``: ``year`` a string for pairs, None for set names and list files.
+
+    Raises:
+        ValueError: not a list, an empty entry, or an empty list.
+    """
     if isinstance(image_sets, (str, bytes)) or not isinstance(image_sets, Sequence):
-        raise ValueError(f"{key} must be a list of [year, set] pairs, got {image_sets!r}")
-    out = []
+        raise ValueError(
+            f"{key} must be a list of [year, set] pairs, set names or list files, such as "
+            f"[[2007, trainval]] or [train]; got {image_sets!r}"
+        )
+    out: list[SetEntry] = []
     for item in image_sets:
-        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+        if isinstance(item, (str, os.PathLike)):
+            name = os.fspath(item).strip()
+            if not name:
+                raise ValueError(f"{key}: empty set name in {list(image_sets)!r}")
+            out.append((None, name))
+            continue
+        if (
+            isinstance(item, (bytes, int, float))
+            or not isinstance(item, Sequence)
+            or len(item) != 2
+        ):
             raise ValueError(
-                f"{key} must be a list of [year, set] pairs such as [[2007, trainval]], "
-                f"got element {item!r}"
+                f"{key} must be a list of [year, set] pairs such as [[2007, trainval]], set "
+                f"names such as [train] or list files, got element {item!r}"
             )
         year, name = str(item[0]).strip(), str(item[1]).strip()
         if not year or not name:
             raise ValueError(f"{key}: empty year or set name in {item!r}")
         out.append((year, name))
     if not out:
-        raise ValueError(f"{key} is empty; give at least one [year, set] pair")
+        raise ValueError(f"{key} is empty; give at least one [year, set] pair, set or list file")
     return out
+
+
+def read_image_list(path: Path) -> list[str]:
+    """Image stems from a list file, in order, without duplicates.
+
+    Args:
+        path: a ``.txt`` file with one image stem (or file name) a line (the first
+            whitespace-separated token; blank lines and ``#`` comments ignored), or a ``.csv``
+            file with a ``filename`` column (one row per box, as raccoon's
+            ``train_labels.csv``: stems deduplicated, first appearance kept).
+
+    Returns:
+        The stems (an image suffix such as ``.jpg`` removed).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        VOCAnnotationError: a CSV without a ``filename`` column, or an empty list.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"image list {path} does not exist")
+    names: list[str] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [c.strip() for c in (reader.fieldnames or [])]
+            if "filename" not in header:
+                raise VOCAnnotationError(
+                    f"{path}: no 'filename' column (found {header}); a CSV image list needs "
+                    "one, naming each image's file"
+                )
+            reader.fieldnames = header
+            names = [(row["filename"] or "").strip() for row in reader]
+    else:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            parts = line.split()
+            if parts and not parts[0].startswith("#"):
+                names.append(parts[0])
+    stems = [
+        Path(n).stem if Path(n).suffix.lower() in IMAGE_SUFFIXES else Path(n).name
+        for n in names
+        if n
+    ]
+    if not stems:
+        raise VOCAnnotationError(f"{path}: lists no images")
+    return list(dict.fromkeys(stems))
+
+
+def hold_out(ids: Sequence[str], fraction: float, seed: int, part: str) -> list[str]:
+    """One part of a seeded random split of ``ids`` (their order kept).
+
+    Args:
+        ids: the image ids of the pool.
+        fraction: the share held out for validation, in ``(0, 1)``; ``round(fraction * N)``
+            images (at least 1, at most ``N - 1``).
+        seed: the permutation's seed (the same seed gives the same split on every machine).
+        part: ``"val"`` for the held-out images, ``"train"`` for the others.
+
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1)``, ``part`` unknown or fewer than 2 images.
+    """
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"data.val_fraction must lie in (0, 1), got {fraction}")
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+    if len(ids) < 2:
+        raise ValueError(f"data.val_fraction needs at least 2 images to split, got {len(ids)}")
+    count = min(max(round(float(fraction) * len(ids)), 1), len(ids) - 1)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(int(seed)))
+    held = torch.zeros(len(ids), dtype=torch.bool)
+    held[order[:count]] = True
+    keep = held if part == "val" else ~held
+    return [ids[i] for i in keep.nonzero().flatten().tolist()]
 
 
 def resolve_classes(
@@ -303,126 +419,274 @@ def resolve_classes(
 
 
 class VOCDataset(DetectionDataset):
-    """Pascal VOC detection dataset (the 20 :data:`VOC_CLASSES` or your own ``classes``).
+    """Pascal VOC detection dataset: a VOCdevkit or a plain folder of VOC XML files.
+
+    Two layouts of ``root``:
+
+    * a **VOCdevkit** (``root/VOC2007/Annotations``, ...): ``image_sets`` are ``[year, set]``
+      pairs read from ``VOC{year}/ImageSets/Main/{set}.txt``;
+    * a **plain VOC folder** (``root/Annotations`` directly, no year; the folder names are
+      ``annotations_dir`` and ``images_dir``): ``image_sets`` are set names read from
+      ``root/ImageSets/Main/{set}.txt``, list files (a ``.txt`` with one stem a line or a
+      ``.csv`` with a ``filename`` column, relative to ``root`` or the working directory), or
+      None for every annotation file in the folder. Images are looked up by stem with any
+      image suffix (``.jpg``, ``.png``, ...).
+
+    ``val_fraction`` splits the images of ``pool`` (default ``image_sets``) at random with
+    ``split_seed``: ``part="val"`` keeps the held-out ``val_fraction``, ``part="train"`` the
+    rest, so two datasets with the same pool and seed never share an image.
 
     ``dataset[i]`` returns ``(image, target)`` as :class:`src.data.base.DetectionDataset`
     describes: the transform receives a ``uint8`` ``tv_tensors.Image`` ``[3, H, W]`` and pixel
     XYXY ``boxes`` (0-based: devkit coordinates minus 1, clamped at 0), ``labels`` (0-based
     into ``classes``), ``difficult``, ``iscrowd`` (all False), ``orig_size``, ``image_id`` (the
-    file stem) and ``coco_image_id`` (the index + 1). Without ``transform`` the image is float32 in
-    ``[0, 1]`` and ``boxes`` ``Tensor[G, 4]`` normalised xyxy ``(x - 1) / W`` (see the module
+    file stem) and ``coco_image_id`` (the index + 1). Without ``transform`` the image is float32
+    in ``[0, 1]`` and ``boxes`` ``Tensor[G, 4]`` normalised xyxy ``(x - 1) / W`` (see the module
     docstring).
 
     Args:
-        root: the ``VOCdevkit`` directory (containing ``VOC2007/``, ``VOC2012/``).
-        image_sets: ``[[year, set], ...]``, e.g. ``[[2007, "trainval"], [2012, "trainval"]]``.
+        root: the ``VOCdevkit`` directory (containing ``VOC2007/``, ``VOC2012/``) or a plain
+            VOC folder.
+        image_sets: the entries above, e.g. ``[[2007, "trainval"], [2012, "trainval"]]`` or
+            ``["train"]`` or ``["train_labels.csv"]``; None: every annotation of a plain folder.
         transform: ``(image, target) -> (image, target)`` callable.
         keep_difficult: keep objects marked difficult (flagged in ``target["difficult"]``);
             if False they are removed (for training).
         skip_invalid: if False, a missing file or an invalid annotation raises
             :class:`VOCAnnotationError`; if True, invalid objects (or whole images whose XML or
             JPEG is missing or broken) are skipped and a warning gives the counts.
-        classes: the class names (default :data:`VOC_CLASSES`); label ``i`` is ``classes[i]``.
+        classes: the class names (default :data:`VOC_CLASSES`), a list or a text file with one
+            name a line; label ``i`` is ``classes[i]``.
         unknown_classes: objects whose class is not in ``classes``: ``"error"`` raises (or is
             skipped as invalid under ``skip_invalid``), ``"skip"`` leaves them out (counted per
             name in an INFO log line); the image stays, as a background image if nothing is left.
+        images_dir: the image folder's name (``JPEGImages``; raccoon: ``images``).
+        annotations_dir: the XML folder's name (``Annotations``; raccoon: ``annotations``).
+        val_fraction: hold out this share of ``pool`` (see above); None: no random split.
+        split_seed: the seed of that split.
+        part: ``"train"`` or ``"val"``: which part of the split this dataset is.
+        pool: the image sets the split is drawn from (default: ``image_sets``; None: every
+            annotation of a plain folder).
 
     Raises:
-        FileNotFoundError: ``root``, ``root/VOC{year}`` or an ImageSets file does not exist.
+        FileNotFoundError: ``root``, ``root/VOC{year}``, an ImageSets file or a list file does
+            not exist.
         VOCAnnotationError: see ``skip_invalid``.
+        ValueError: bad ``image_sets`` (year pairs on a plain folder, set names on a VOCdevkit)
+            or ``val_fraction``.
 
     """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
-        image_sets: ImageSets = ((2007, "trainval"),),
+        image_sets: ImageSets | None = ((2007, "trainval"),),
         transform: Transform | None = None,
         keep_difficult: bool = False,
         skip_invalid: bool = False,
-        classes: Sequence[str] = VOC_CLASSES,
+        classes: str | os.PathLike[str] | Sequence[str] | None = VOC_CLASSES,
         unknown_classes: str = "error",
+        images_dir: str = "JPEGImages",
+        annotations_dir: str = "Annotations",
+        val_fraction: float | None = None,
+        split_seed: int = 0,
+        part: str = "train",
+        pool: ImageSets | None | object = SAME_AS_IMAGE_SETS,
     ) -> None:
         self.root = Path(root).expanduser()
-        self.image_sets = _normalise_image_sets(image_sets, "image_sets")
-        self.transform = transform
-        self.keep_difficult = bool(keep_difficult)
-        self.skip_invalid = bool(skip_invalid)
-        self.classes = tuple(resolve_classes(list(classes), unknown_classes))
-        self.unknown_classes = unknown_classes
+        self.images_dir = str(images_dir)
+        self.annotations_dir = str(annotations_dir)
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"VOC root {str(self.root)!r} does not exist or is not a directory; set data.root "
-                "to the VOCdevkit directory that contains VOC2007/ and/or VOC2012/"
+                "to the VOCdevkit directory that contains VOC2007/ and/or VOC2012/, or to a "
+                f"folder with {self.annotations_dir}/ and {self.images_dir}/"
             )
+        self.plain = (self.root / self.annotations_dir).is_dir()
+        sets = image_sets if val_fraction is None or pool is SAME_AS_IMAGE_SETS else pool
+        self.image_sets = self._check_sets(sets, "image_sets")
+        self.transform = transform
+        self.keep_difficult = bool(keep_difficult)
+        self.skip_invalid = bool(skip_invalid)
+        names = None if classes is None else classes
+        if names is not None and not isinstance(names, (str, os.PathLike)):
+            names = list(names)
+        self.classes = tuple(resolve_classes(names, unknown_classes))
+        self.unknown_classes = unknown_classes
+        self.split_note = ""
+        entries = self._list_all()
+        if val_fraction is not None:
+            ids = hold_out([e[0] for e in entries], val_fraction, split_seed, part)
+            chosen = set(ids)
+            entries = [e for e in entries if e[0] in chosen]
+            self.split_note = f" ({part} part of a {val_fraction:g} hold-out, seed {split_seed})"
         self.records: list[VOCRecord] = []
         problems: list[str] = []
         skipped_images = 0
         skipped_objects = 0
         unknown: Counter[str] = Counter()
-        for year, name in self.image_sets:
-            for image_id, xml_path, jpg_path in self._list_set(year, name):
-                try:
-                    if not xml_path.is_file():
-                        raise VOCAnnotationError(
-                            f"{xml_path}: annotation file missing (image id {image_id!r} is "
-                            f"listed in VOC{year}/ImageSets/Main/{name}.txt)"
-                        )
-                    if not jpg_path.is_file():
-                        raise VOCAnnotationError(
-                            f"{jpg_path}: image file missing (image id {image_id!r} is listed "
-                            f"in VOC{year}/ImageSets/Main/{name}.txt)"
-                        )
-                    record, bad = parse_voc_annotation(
-                        xml_path, jpg_path, self.skip_invalid, self.classes, unknown_classes
+        for image_id, xml_path, jpg_path, listed_in in entries:
+            try:
+                if not xml_path.is_file():
+                    raise VOCAnnotationError(
+                        f"{xml_path}: annotation file missing (image id {image_id!r} is "
+                        f"listed in {listed_in})"
                     )
-                    if self.skip_invalid:  # images that do not decode are skipped too
-                        try:
-                            read_image(jpg_path)
-                        except ImageReadError as err:
-                            raise VOCAnnotationError(str(err)) from err
-                except VOCAnnotationError as err:
-                    if not self.skip_invalid:
-                        raise
-                    skipped_images += 1
-                    problems.append(str(err))
-                    continue
-                skipped_objects += len(bad)
-                problems.extend(bad)
-                unknown.update(record.unknown)
-                if not self.keep_difficult and bool(record.difficult.any()):
-                    keep = ~record.difficult
-                    record = replace(
-                        record,
-                        boxes=record.boxes[keep],
-                        labels=record.labels[keep],
-                        difficult=record.difficult[keep],
+                if not jpg_path.is_file():
+                    raise VOCAnnotationError(
+                        f"{jpg_path}: image file missing (image id {image_id!r} is listed "
+                        f"in {listed_in})"
                     )
-                self.records.append(record)
+                record, bad = parse_voc_annotation(
+                    xml_path, jpg_path, self.skip_invalid, self.classes, unknown_classes
+                )
+                if self.skip_invalid:  # images that do not decode are skipped too
+                    try:
+                        read_image(jpg_path)
+                    except ImageReadError as err:
+                        raise VOCAnnotationError(str(err)) from err
+            except VOCAnnotationError as err:
+                if not self.skip_invalid:
+                    raise
+                skipped_images += 1
+                problems.append(str(err))
+                continue
+            skipped_objects += len(bad)
+            problems.extend(bad)
+            unknown.update(record.unknown)
+            if not self.keep_difficult and bool(record.difficult.any()):
+                keep = ~record.difficult
+                record = replace(
+                    record,
+                    boxes=record.boxes[keep],
+                    labels=record.labels[keep],
+                    difficult=record.difficult[keep],
+                )
+            self.records.append(record)
         self.num_skipped_images = skipped_images
         self.num_skipped_objects = skipped_objects
         self.num_unknown_objects = sum(unknown.values())
-        report_skipped(
-            log, f"VOCDataset({self.root}, {self.image_sets})", problems, skipped_objects,
-            skipped_images,
-        )  # fmt: skip
+        where = f"VOCDataset({self.root}, {show_sets(self.image_sets)})"
+        report_skipped(log, where, problems, skipped_objects, skipped_images)
         if unknown:
             log.info(
                 "VOCDataset %s: left out %d object(s) of classes not in data.classes: %s",
-                self.image_sets,
+                show_sets(self.image_sets),
                 self.num_unknown_objects,
                 ", ".join(f"{n} ({c})" for n, c in unknown.most_common()),
             )
         log.info(
-            "VOCDataset %s: %d images, %d objects of %d classes (keep_difficult=%s)",
-            self.image_sets,
+            "VOCDataset %s%s: %d images, %d objects of %d classes (keep_difficult=%s)",
+            show_sets(self.image_sets),
+            self.split_note,
             len(self.records),
             self.num_objects,
             len(self.classes),
             self.keep_difficult,
         )
 
-    def _list_set(self, year: str, name: str) -> list[tuple[str, Path, Path]]:
+    @classmethod
+    def read_classes(cls, *args: Any, **kwargs: Any) -> tuple[list[str], list[int] | None]:
+        """``classes`` (list or file, default the 20 VOC ones), checked with ``unknown_classes``."""
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        classes = bound.arguments["classes"]
+        if classes is not None and not isinstance(classes, (str, os.PathLike)):
+            classes = list(classes)
+        return resolve_classes(classes, bound.arguments["unknown_classes"]), None
+
+    # ------------------------------------------------------------ listing
+    def _check_sets(self, image_sets: ImageSets | None, key: str) -> list[SetEntry]:
+        """Normalise ``image_sets`` and check they fit the layout of ``root``."""
+        if image_sets is None:
+            if not self.plain:
+                raise ValueError(
+                    f"{key}=null (every annotation) needs a plain VOC folder with "
+                    f"{self.annotations_dir}/ directly under data.root; {self.root} has none: "
+                    "give [year, set] pairs such as [[2012, trainval]]"
+                )
+            return []
+        entries = _normalise_image_sets(image_sets, key)
+        for year, name in entries:
+            if self.plain and year is not None:
+                raise ValueError(
+                    f"[{year}, {name}] is a VOCdevkit [year, set] pair, but data.root={self.root} "
+                    f"is a plain VOC folder ({self.annotations_dir}/ directly in it): give set "
+                    "names read from ImageSets/Main/<set>.txt (data.train_sets=[train] "
+                    "data.val_sets=[val]), list files (data.train_sets=[train.txt]), or "
+                    "data.train_sets=null data.val_fraction=0.2 for a random split"
+                )
+            if not self.plain and year is None:
+                raise ValueError(
+                    f"{name!r} has no year, but data.root={self.root} is a VOCdevkit (no "
+                    f"{self.annotations_dir}/ directly in it): give [year, set] pairs such as "
+                    f"[[2012, {name}]], or point data.root at a plain VOC folder"
+                )
+        return entries
+
+    def _list_all(self) -> list[tuple[str, Path, Path, str]]:
+        """``(image id, xml, image, where it is listed)`` of every entry, in order."""
+        if not self.image_sets:  # every annotation file of a plain folder
+            folder = self.root / self.annotations_dir
+            stems = sorted(p.stem for p in folder.glob("*.xml"))
+            if not stems:
+                raise FileNotFoundError(f"{folder} holds no .xml annotation files")
+            return self._plain_paths(stems, f"{folder}")
+        out: list[tuple[str, Path, Path, str]] = []
+        for year, name in self.image_sets:
+            if year is not None:
+                out += self._list_set(year, name)
+            elif _is_list_file(name):
+                path = self._list_file(name)
+                out += self._plain_paths(read_image_list(path), str(path))
+            else:
+                set_file = self.root / "ImageSets" / "Main" / f"{name}.txt"
+                if not set_file.is_file():
+                    main = set_file.parent
+                    available = sorted(p.stem for p in main.glob("*.txt")) if main.is_dir() else []
+                    raise FileNotFoundError(
+                        f"image set file {set_file} does not exist; check data.root "
+                        f"({self.root}) and the set names in data.train_sets / data.val_sets / "
+                        f"data.test_sets (available sets: {available or 'none'}), or give list "
+                        "files (data.train_sets=[train.txt]) or data.val_fraction"
+                    )
+                out += self._plain_paths(read_image_list(set_file), f"ImageSets/Main/{name}.txt")
+        return out
+
+    def _list_file(self, name: str) -> Path:
+        """A list file: relative to ``root`` when it exists there, else as given."""
+        path = Path(name).expanduser()
+        if not path.is_absolute() and (self.root / path).is_file():
+            return self.root / path
+        if path.is_file():
+            return path
+        raise FileNotFoundError(
+            f"image list {name} does not exist (looked in {self.root} and the working "
+            "directory); give a .txt with one image stem a line or a .csv with a filename column"
+        )
+
+    def _plain_paths(self, stems: list[str], listed_in: str) -> list[tuple[str, Path, Path, str]]:
+        """Paths of a plain folder's images: looked up by stem with any image suffix."""
+        if not hasattr(self, "_image_files"):
+            folder = self.root / self.images_dir
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"image folder {folder} does not exist; set data.images_dir to the folder "
+                    f"(inside data.root) that holds the images of {self.annotations_dir}/"
+                )
+            files: dict[str, Path] = {}
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    files.setdefault(p.stem, p)
+            self._image_files = files
+        annotations = self.root / self.annotations_dir
+        images = self.root / self.images_dir
+        return [
+            (s, annotations / f"{s}.xml", self._image_files.get(s, images / f"{s}.jpg"), listed_in)
+            for s in stems
+        ]
+
+    def _list_set(self, year: str, name: str) -> list[tuple[str, Path, Path, str]]:
         """Image ids of ``VOC{year}/ImageSets/Main/{name}.txt`` with their XML / JPEG paths."""
         base = self.root / f"VOC{year}"
         if not base.is_dir():
@@ -454,8 +718,15 @@ class VOCDataset(DetectionDataset):
                 parts = line.split()
                 if parts:
                     ids.append(parts[0])
+        listed = f"VOC{year}/ImageSets/Main/{name}.txt"
         return [
-            (i, base / "Annotations" / f"{i}.xml", base / "JPEGImages" / f"{i}.jpg") for i in ids
+            (
+                i,
+                base / self.annotations_dir / f"{i}.xml",
+                base / self.images_dir / f"{i}.jpg",
+                listed,
+            )
+            for i in ids
         ]
 
     # ------------------------------------------------------------ DetectionDataset interface
@@ -519,40 +790,36 @@ class VOCDataset(DetectionDataset):
 
     def __repr__(self) -> str:
         return (
-            f"VOCDataset(root={str(self.root)!r}, image_sets={self.image_sets}, "
+            f"VOCDataset(root={str(self.root)!r}, image_sets=[{show_sets(self.image_sets)}], "
             f"images={len(self)}, classes={len(self.classes)}, "
             f"keep_difficult={self.keep_difficult})"
         )
 
 
 class VOCDataModule(DetectionDataModule):
-    """Pascal VOC DataModule: train on ``train_sets``, validate/test on ``val_sets``/``test_sets``.
+    """The VOC DataModule of earlier versions, kept so that their checkpoints and code load.
 
-    The training set uses ``build_transforms(train=True, image_size, augment, fill)`` and drops
-    difficult objects unless ``keep_difficult``; validation and test sets use the deterministic
-    resize and always keep difficult objects, flagged in ``target["difficult"]`` for the metric.
-    ``classes`` and ``num_classes`` are known right after ``__init__`` (the model is sized from
-    them).
+    Run configs stored in older checkpoints name ``_target_: src.data.voc.VOCDataModule`` with
+    these keys; ``conf/data/voc.yaml`` now builds :class:`~src.data.base.DetectionDataModule`
+    with :class:`VOCDataset` factories directly. The training set drops difficult objects
+    unless ``keep_difficult``; validation and test sets keep them, flagged for the metric.
 
     Args:
-        root: the ``VOCdevkit`` directory (config key ``data.root``).
-        train_sets: ``[[year, set], ...]`` for training.
-        val_sets: ``[[year, set], ...]`` for validation.
-        test_sets: ``[[year, set], ...]`` for testing/prediction; None means ``val_sets``.
-        classes: the class names to train on, as a list or the path of a text file with one
-            name a line (``data.classes``); None: the 20 :data:`VOC_CLASSES`.
-        unknown_classes: ``"error"`` or ``"skip"``: what happens to objects of other classes
-            (``data.unknown_classes``).
+        root: the ``VOCdevkit`` directory or a plain VOC folder (``data.root``).
+        train_sets: image sets for training (see :class:`VOCDataset`).
+        val_sets: image sets for validation.
+        test_sets: image sets for testing/prediction; None means ``val_sets``.
+        classes: the class names (list or text file); None: the 20 :data:`VOC_CLASSES`.
+        unknown_classes: ``"error"`` or ``"skip"``.
         keep_difficult: keep difficult objects in the training set.
         skip_invalid: skip invalid objects/images with a warning instead of raising.
-        augment: ``"ssd"`` or ``"none"`` (training augmentation).
+        augment: training augmentation.
         image_size: output side ``S`` (or ``[H, W]``).
         batch_size: images per batch.
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
         cache: decode every image once in ``setup`` and keep it in memory (uint8).
         fill: zoom-out fill colour (RGB in ``[0, 1]``), the ImageNet mean by default.
-
     """
 
     def __init__(
@@ -573,18 +840,6 @@ class VOCDataModule(DetectionDataModule):
         cache: bool = False,
         fill: Sequence[float] = IMAGENET_MEAN,
     ) -> None:
-        super().__init__(
-            resolve_classes(classes, unknown_classes),
-            augment=augment,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            skip_invalid=skip_invalid,
-            cache=cache,
-            fill=fill,
-        )
-        self.unknown_classes = unknown_classes
         self.root = Path(str(root)).expanduser()
         self.train_sets = _normalise_image_sets(train_sets, "data.train_sets")
         self.val_sets = _normalise_image_sets(val_sets, "data.val_sets")
@@ -594,21 +849,36 @@ class VOCDataModule(DetectionDataModule):
             else _normalise_image_sets(test_sets, "data.test_sets")
         )
         self.keep_difficult = bool(keep_difficult)
-
-    def test_is_val(self) -> bool:
-        """Whether ``test_sets`` equals ``val_sets``."""
-        return self.test_sets == self.val_sets
-
-    def build_dataset(self, split: str) -> VOCDataset:
-        """The :class:`VOCDataset` of ``split`` (annotations are parsed here)."""
-        train = split == "train"
-        sets = {"train": self.train_sets, "val": self.val_sets, "test": self.test_sets}[split]
-        return VOCDataset(
-            self.root,
-            sets,
-            self.train_transform if train else self.eval_transform,
-            keep_difficult=self.keep_difficult if train else True,
-            skip_invalid=self.skip_invalid,
-            classes=self.classes,
-            unknown_classes=self.unknown_classes,
+        self.unknown_classes = unknown_classes
+        names = (
+            classes if classes is None or isinstance(classes, (str, os.PathLike)) else list(classes)
+        )
+        common = {
+            "root": self.root,
+            "skip_invalid": bool(skip_invalid),
+            "classes": names,
+            "unknown_classes": unknown_classes,
+        }
+        split = functools.partial(VOCDataset, **common)
+        super().__init__(
+            train=functools.partial(
+                split, image_sets=self.train_sets, keep_difficult=self.keep_difficult
+            ),
+            val=functools.partial(split, image_sets=self.val_sets, keep_difficult=True),
+            test=functools.partial(split, image_sets=self.test_sets, keep_difficult=True),
+            augment=augment,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            cache=cache,
+            fill=fill,
+            root=str(self.root),
+            train_sets=[list(e) for e in self.train_sets],
+            val_sets=[list(e) for e in self.val_sets],
+            test_sets=None if test_sets is None else [list(e) for e in self.test_sets],
+            classes=names,
+            unknown_classes=unknown_classes,
+            keep_difficult=self.keep_difficult,
+            skip_invalid=bool(skip_invalid),
         )

@@ -77,15 +77,19 @@ def task_overrides(run_dir: str | os.PathLike | None = None) -> list[str]:
 
 
 def data_line(datamodule: Any) -> str:
-    """``BananaDataModule, source=synthetic, 1 class (banana), 1000 train / 100 val images``."""
-    parts = [type(datamodule).__name__]
+    """``BananaDataset, source=synthetic, 1 class (banana), 1000 train / 100 val images, batch 32``.
+
+    The first word is the data format (``datamodule.format_name``, the dataset class), else
+    the datamodule's class.
+    """
+    parts = [getattr(datamodule, "format_name", None) or type(datamodule).__name__]
     hparams = getattr(datamodule, "hparams", {}) or {}
     source = hparams.get("resolved_source") or hparams.get("source")
     if source is not None:
         parts.append(f"source={source}")
-    root = hparams.get("root")
-    if root:
-        parts.append(f"root={root}")
+    for key in ("root", "dataset_yaml", "train_json"):
+        if hparams.get(key):
+            parts.append(f"{key}={hparams[key]}")
     names = list(getattr(datamodule, "classes", []) or [])
     if names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 from torchvision.io import encode_jpeg, write_file
 from torchvision.transforms import v2
 
+from src.data.base import DetectionDataModule
 from src.data.transforms import build_transforms
 from src.data.voc import (
     VOC_CLASSES,
@@ -308,9 +309,7 @@ def test_configs_compose_and_instantiate(mini_root, tmp_path):
     from hydra.utils import instantiate
 
     conf = tmp_path / "conf"
-    (conf / "data").mkdir(parents=True)
-    for name in ("voc.yaml", "voc_mini.yaml"):
-        shutil.copy(REPO / "conf" / "data" / name, conf / "data" / name)
+    shutil.copytree(REPO / "conf" / "data", conf / "data")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "VOCdevkit-mini").symlink_to(mini_root.resolve(), target_is_directory=True)
@@ -320,7 +319,8 @@ def test_configs_compose_and_instantiate(mini_root, tmp_path):
     )
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="main")
-        assert cfg.data._target_ == "src.data.voc.VOCDataModule"
+        assert cfg.data._target_ == "src.data.base.DetectionDataModule"
+        assert cfg.data.train._target_ == "src.data.voc.VOCDataset"
         assert cfg.data.root == f"{data_dir}/VOCdevkit"
         assert OmegaConf.to_container(cfg.data.train_sets) == [
             [2007, "trainval"],
@@ -336,10 +336,13 @@ def test_configs_compose_and_instantiate(mini_root, tmp_path):
         assert mini.data.root == f"{data_dir}/VOCdevkit-mini"
         assert (mini.data.batch_size, mini.data.num_workers) == (8, 0)
         dm = instantiate(mini.data, pin_memory=False)
-    assert isinstance(dm, VOCDataModule)
-    assert dm.train_sets == [("2012", "trainval")] and dm.val_sets == [("2012", "val")]
-    dm.setup("validate")
-    assert len(dm.val_dataset) == 20
+    assert isinstance(dm, DetectionDataModule) and dm.classes == list(VOC_CLASSES)
+    assert dm.hparams["train_sets"] == [[2012, "trainval"]]
+    assert dm.hparams["val_sets"] == [[2012, "val"]] and dm.hparams["batch_size"] == 8
+    assert dm.test_is_val()  # test_sets defaults to val_sets: one dataset serves both
+    dm.setup("test")
+    assert len(dm.val_dataset) == 20 and dm.test_dataset is dm.val_dataset
+    assert dm.train_dataset is None
 
 
 # --------------------------------------------------------------------------------------------
