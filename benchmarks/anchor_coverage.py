@@ -11,7 +11,9 @@ and its offsets must bridge a large gap: such boxes are the first ones a detecto
     python benchmarks/anchor_coverage.py 'backbone.anchors.sizes=[[0.1,0.141],...]'
 
 Arguments are Hydra overrides of ``conf/train.yaml``. No image is decoded: the boxes come from
-the dataset's annotations.
+the dataset's annotations. The computation is :mod:`src.detection.coverage`'s, the one behind
+``python -m src.inspect`` (figures, per-class and per-size coverage, suggested anchors) and the
+WARNING ``src.train`` logs below 90%.
 """
 
 from __future__ import annotations
@@ -26,33 +28,26 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from torchvision.ops import box_iou  # noqa: E402
+from omegaconf import DictConfig, ListConfig  # noqa: E402
 
-from src.train import fill_from_datamodule  # noqa: E402
+from src.data.transforms import parse_image_size  # noqa: E402
+from src.detection.coverage import (  # noqa: E402
+    anchor_coverage,
+    dataset_boxes,
+    feature_sizes,
+)
+from src.utils.config import set_project_root  # noqa: E402
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def training_boxes(datamodule) -> torch.Tensor:  # noqa: ANN001
-    """All training boxes, ``Tensor[G, 4]`` xyxy normalised to [0, 1]."""
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    dataset = datamodule.build_dataset("train")
-    boxes = []
-    for index in range(len(dataset)):
-        height, width = dataset.image_size(index)
-        pixel = torch.as_tensor(dataset.pixel_annotations(index)["boxes"], dtype=torch.float32)
-        boxes.append(pixel.reshape(-1, 4) / torch.tensor([width, height, width, height]))
-    return torch.cat(boxes)
-
-
-def network_anchors(cfg) -> torch.Tensor:  # noqa: ANN001
-    """The anchors of ``cfg.model.net`` at its input size, ``Tensor[A, 4]`` normalised xyxy."""
-    net = instantiate(cfg.model.net)
-    size = net.image_size if hasattr(net, "image_size") else cfg.backbone.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    with torch.no_grad():
-        return net.eval()(torch.zeros(1, 3, height, width)).anchors.reshape(-1, 4).float()
+def network_anchors(cfg: DictConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The anchors of ``cfg.backbone`` at its input size: ``(Tensor[A, 4] xyxy, (H, W))``."""
+    raw = cfg.backbone.image_size
+    size = parse_image_size(list(raw) if isinstance(raw, ListConfig) else int(raw))
+    kwargs = {"pretrained": None} if "pretrained" in cfg.backbone.net else {}
+    backbone = instantiate(cfg.backbone.net, **kwargs)  # weights do not change the map sizes
+    return instantiate(cfg.backbone.anchors)(feature_sizes(backbone, size), size), size
 
 
 def fmt(values: torch.Tensor) -> str:
@@ -62,23 +57,23 @@ def fmt(values: torch.Tensor) -> str:
 
 
 def main(overrides: list[str]) -> None:
+    set_project_root()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     datamodule = instantiate(cfg.data)
-    fill_from_datamodule(cfg, datamodule)
-    boxes = training_boxes(datamodule)
-    anchors = network_anchors(cfg)
+    datamodule.prepare_data()
+    boxes, labels, _ = dataset_boxes(datamodule.build_dataset("train"))
+    anchors, size = network_anchors(cfg)
     threshold = float(cfg.model.target_encoder.iou_threshold)
-    best = torch.cat([box_iou(chunk, anchors).amax(dim=1) for chunk in boxes.split(4096)])
-    covered = float((best >= threshold).float().mean())
+    cov = anchor_coverage(boxes, labels, anchors, threshold, size, datamodule.num_classes)
     sides_w, sides_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     print(f"overrides: {' '.join(overrides) or '(none)'}")
     print(f"anchors: {anchors.shape[0]}  sizes: {list(cfg.backbone.anchors.get('sizes', []))}")
     print(f"training boxes: {boxes.shape[0]}")
     print(f"box width  {fmt(sides_w)}")
     print(f"box height {fmt(sides_h)}")
-    print(f"best anchor IoU {fmt(best)}")
-    print(f"boxes whose best anchor has IoU >= {threshold}: {covered:.1%}")
+    print(f"best anchor IoU {fmt(cov.best_iou)}")
+    print(f"boxes whose best anchor has IoU >= {threshold}: {cov.overall:.1%}")
 
 
 if __name__ == "__main__":

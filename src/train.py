@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.callbacks.anchor_coverage import AnchorCoverageCheck
 from src.callbacks.console import StartSummaryCallback, end_summary
 from src.callbacks.faults import InterruptCallback
 from src.callbacks.hparams import HParamsCallback
@@ -160,6 +161,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     callbacks: list[Callback] = instantiate_callbacks(cfg.get("callbacks"))
     callbacks.append(StartSummaryCallback(overrides, run_dir, config_path))
+    callbacks.append(AnchorCoverageCheck(overrides))  # WARNING below 90% at fit start
     loggers = instantiate_loggers(cfg.get("logger"))
     if loggers:
         callbacks.append(HParamsCallback(user_hparams(container, overrides), overrides))
