@@ -12,7 +12,8 @@ Per-anchor building blocks (all ``nn.Module`` without parameters, reduction ``"n
     :class:`SmoothL1Loss`, the book's
     ``f(x) = (sigma*x)**2 / 2 if |x| < 1/sigma**2 else |x| - 0.5/sigma**2``;
   - ``"boxes"``, ``(pred_boxes[P, 4], gt_boxes[P, 4]) -> Tensor[P]`` on the positives' decoded
-    boxes and matched ground truths (xyxy, normalised to ``[0, 1]``).
+    boxes and matched ground truths (xyxy, normalised to ``[0, 1]``): :class:`IoUBoxLoss`,
+    torchvision's GIoU, DIoU and CIoU losses.
 
 :class:`MultiBoxLoss` combines them; :func:`compute_loss` encodes a batch's targets and calls it,
 the one place where the training loss is computed (the Lightning module and the anchor pictures
@@ -39,6 +40,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import (
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+)
 
 from src.detection.coder import BoxCoder
 
@@ -48,6 +54,8 @@ __all__ = [
     "FocalLoss",
     "L1Loss",
     "SmoothL1Loss",
+    "IoUBoxLoss",
+    "IOU_LOSSES",
     "build_box_loss",
     "MultiBoxLoss",
     "compute_loss",
@@ -56,6 +64,13 @@ __all__ = [
 NORMALIZE_CHOICES = ("anchors", "positives")
 #: ``space`` of a box loss: what it compares (see the module docstring).
 BOX_SPACES = ("offsets", "boxes")
+#: ``IoUBoxLoss(kind=...)`` -> torchvision function ``(boxes1[N, 4], boxes2[N, 4], reduction,
+#: eps) -> Tensor[N]`` on xyxy boxes.
+IOU_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "giou": generalized_box_iou_loss,
+    "diou": distance_box_iou_loss,
+    "ciou": complete_box_iou_loss,
+}
 
 
 def _check_real(
@@ -114,7 +129,7 @@ class LossOutput(NamedTuple):
         per_anchor_cls: ``Tensor[B, A]`` detached, unweighted classification loss of every anchor
             (also those outside ``cls_mask``), for visualisation.
         per_anchor_box: ``Tensor[B, A]`` detached, unweighted box loss of every anchor (summed
-            over the 4 offsets for an offset loss, its one value for a box loss), 0 at
+            over the 4 offsets for an offset loss, the IoU-family value for a box loss), 0 at
             negatives, for visualisation.
         cls_mask: ``Tensor[B, A]`` bool, anchors that count in the classification term
             (all anchors without mining; positives and mined negatives with mining).
@@ -296,6 +311,63 @@ class SmoothL1Loss(nn.Module):
         return f"sigma={self.sigma}"
 
 
+class IoUBoxLoss(nn.Module):
+    """IoU-family loss of each predicted box with its matched ground truth (torchvision.ops).
+
+    ``kind`` picks the torchvision function, all ``1 - IoU + penalty`` on xyxy boxes:
+
+    * ``"giou"``: :func:`torchvision.ops.generalized_box_iou_loss`, penalty
+      ``|C - (A u B)| / |C|`` with ``C`` the smallest enclosing box; in ``[0, 2)``.
+    * ``"diou"``: :func:`torchvision.ops.distance_box_iou_loss`, penalty ``d**2 / c**2``, the
+      squared centre distance over the squared diagonal of ``C``; in ``[0, 2)``.
+    * ``"ciou"``: :func:`torchvision.ops.complete_box_iou_loss`, DIoU's penalty plus
+      ``alpha * v`` for the aspect-ratio mismatch ``v``; in ``[0, 3)``.
+
+    It works on boxes (``space = "boxes"``): :class:`MultiBoxLoss` decodes the positives'
+    offsets with the target encoder's :class:`~src.detection.coder.BoxCoder` and passes the
+    matched ground truths (``MultiboxTargets.matched_boxes``). The three are scale-invariant,
+    so normalised coordinates give the values of pixel coordinates.
+
+    Args:
+        kind: ``"giou"``, ``"diou"`` or ``"ciou"`` (config key ``loss.module.box_loss.kind``).
+        eps: ``> 0``, torchvision's guard against division by zero.
+
+    Raises:
+        ValueError: at construction, naming the config key, on invalid values.
+
+    """
+
+    space = "boxes"
+
+    def __init__(self, kind: str = "giou", eps: float = 1e-7) -> None:
+        super().__init__()
+        if kind not in IOU_LOSSES:
+            raise ValueError(
+                f"loss.module.box_loss.kind must be one of {list(IOU_LOSSES)} (got {kind!r})"
+            )
+        self.kind = kind
+        self.eps = _check_real(eps, "loss.module.box_loss.eps", gt=0)
+        self._fn = IOU_LOSSES[kind]
+
+    def forward(self, pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+        """Compute the loss of every box pair.
+
+        Args:
+            pred_boxes: ``Tensor[..., 4]`` float, xyxy (normalised to ``[0, 1]`` or pixels),
+                ``x1 <= x2`` and ``y1 <= y2``.
+            target_boxes: ``Tensor[..., 4]`` float, xyxy in the same unit, same shape.
+
+        Returns:
+            ``Tensor[...]`` float (the leading shape; empty for empty inputs).
+
+        """
+        return self._fn(pred_boxes, target_boxes, reduction="none", eps=self.eps)
+
+    def extra_repr(self) -> str:
+        """Hyper-parameters shown by ``print(module)``."""
+        return f"kind={self.kind!r}, eps={self.eps}"
+
+
 def build_box_loss(name: str = "smooth_l1", sigma: float = 1.0) -> nn.Module:
     """Box loss by name, for configs that choose it with a knob (``loss.box_loss`` in focal).
 
@@ -311,7 +383,11 @@ def build_box_loss(name: str = "smooth_l1", sigma: float = 1.0) -> nn.Module:
         return L1Loss()
     if name == "smooth_l1":
         return SmoothL1Loss(sigma)
-    raise ValueError(f"loss.box_loss must be one of ['l1', 'smooth_l1'] (got {name!r})")
+    raise ValueError(
+        f"loss.box_loss must be one of ['l1', 'smooth_l1'] (got {name!r}); for an IoU box loss "
+        "with focal classification use loss=giou|diou|ciou "
+        "loss.cls_loss._target_=src.detection.losses.FocalLoss (docs/losses.md)"
+    )
 
 
 class MultiBoxLoss(nn.Module):
@@ -322,7 +398,7 @@ class MultiBoxLoss(nn.Module):
     * offset losses (``box_loss.space == "offsets"``, the default for a box loss without
       ``space``): ``box_loss(box_deltas * m, box_offsets * m)`` with ``m`` the positive mask,
       ``K = 4`` (one per offset);
-    * box losses (``box_loss.space == "boxes"``):
+    * box losses (``box_loss.space == "boxes"``, :class:`IoUBoxLoss`):
       ``box_loss(coder.decode(box_deltas, anchors), matched_boxes)`` on the positives only,
       ``K = 1``. ``forward`` then needs ``anchors`` (and the target encoder's ``coder``).
 
@@ -345,7 +421,8 @@ class MultiBoxLoss(nn.Module):
 
     Args:
         cls_loss: per-anchor classification loss, e.g. :class:`CrossEntropyLoss`.
-        box_loss: box loss, on offsets (e.g. :class:`L1Loss`) or on boxes; see its ``space``.
+        box_loss: box loss, on offsets (e.g. :class:`L1Loss`) or on boxes
+            (:class:`IoUBoxLoss`); see its ``space``.
         cls_weight: ``>= 0`` (``loss.cls_weight``).
         box_weight: ``>= 0`` (``loss.box_weight``).
         normalize: ``"anchors"`` or ``"positives"`` (``loss.normalize``).
@@ -562,8 +639,8 @@ def compute_loss(
     The one place where the training loss is computed: ``SSDLitModule.model_step`` and the
     anchor pictures (:func:`src.viz.anchors.analyze_anchors`) both call it, so the pictures
     show the loss that is trained. The targets are encoded without gradients; the loss gets
-    the anchors and the encoder's coder, so that a box-space loss decodes the predictions
-    exactly as the targets were encoded.
+    the anchors and the encoder's coder, so that a box-space loss (:class:`IoUBoxLoss`)
+    decodes the predictions exactly as the targets were encoded.
 
     Args:
         loss_fn: a :class:`MultiBoxLoss` (or any callable with its signature).
