@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str] = {
     "VOCDataModule": "src.data.voc",
     "VOCDataset": "src.data.voc",
     "VOC_CLASSES": "src.data.voc",
+    "YoloDataset": "src.data.yolo",
+    "coco_to_yolo": "src.data.convert",
+    "yolo_to_coco": "src.data.convert",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,16 +1,18 @@
 """What every detection format shares: one image reader, the image cache, targets, DataModule.
 
-A format module (:mod:`src.data.banana`, :mod:`src.data.voc`, :mod:`src.data.coco`) only parses
-its files. It subclasses
+A format module (:mod:`src.data.banana`, :mod:`src.data.voc`, :mod:`src.data.coco`,
+:mod:`src.data.yolo`) only parses its files. It subclasses :class:`DetectionDataset` and
+implements ``__len__``, :meth:`~DetectionDataset.image_path`,
+:meth:`~DetectionDataset.image_size` and :meth:`~DetectionDataset.pixel_annotations`; the base
+decodes images (:func:`read_image`, optionally from an in-memory :class:`ImageCache`), builds
+the target dict, applies the transform and exports the ground truth as COCO
+(:meth:`~DetectionDataset.coco_ground_truth`). Two class-level hooks let the one
+:class:`DetectionDataModule` serve it: :meth:`~DetectionDataset.read_classes` (the class names
+before any dataset is built) and, for data that must be fetched, :meth:`~DetectionDataset.prepare`.
 
-* :class:`DetectionDataset` and implements ``__len__``, :meth:`~DetectionDataset.image_path`,
-  :meth:`~DetectionDataset.image_size` and :meth:`~DetectionDataset.pixel_annotations`; the
-  base decodes images (:func:`read_image`, optionally from an in-memory :class:`ImageCache`),
-  builds the target dict, applies the transform and exports the ground truth as COCO
-  (:meth:`~DetectionDataset.coco_ground_truth`);
-* :class:`DetectionDataModule` and implements :meth:`~DetectionDataModule.build_dataset`; the
-  base validates the shared config keys, builds the transform pipelines, owns the class names
-  (``classes``, ``num_classes``, ``category_ids``) and serves the four DataLoaders.
+The format's yaml (``conf/data/<format>.yaml``) then builds :class:`DetectionDataModule` with
+``train`` / ``val`` / ``test`` factories of that dataset (``_partial_: true``) and includes
+``conf/data/_loader.yaml`` for the loader keys; no DataModule subclass is needed (docs/data.md).
 
 Target dict of every dataset (before the transform; :mod:`src.data.transforms` then turns the
 boxes into normalised xyxy):

@@ -39,7 +39,7 @@ def test_loader_keys_live_once_in_the_shared_yaml() -> None:
 
     loader = raw("_loader")
     assert set(loader) == set(LOADER_KEYS)
-    for name in ("banana", "voc", "coco"):
+    for name in ("banana", "voc", "coco", "yolo"):
         config = raw(name)
         assert config["defaults"] == ["_loader", "_self_"], name
         assert config["_target_"] == "src.data.base.DetectionDataModule"
@@ -55,6 +55,7 @@ def test_loader_keys_live_once_in_the_shared_yaml() -> None:
         ("voc", ["data.root=/nowhere"], 32),
         ("coco", ["data.train_json=a.json", "data.train_images=i", "data.val_json=b.json",
                   "data.val_images=i"], 32),
+        ("yolo", ["data.dataset_yaml=d.yaml"], 32),
         ("raccoon", [], 32),
     ],
 )  # fmt: skip
