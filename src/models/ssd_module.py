@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 
-from src.detection.box_ops import scale_boxes
+from src.detection.box_ops import to_pixels
 from src.detection.coder import BoxCoder
 from src.detection.losses import compute_loss
 from src.detection.targets import MultiboxTargets, TargetEncoder
@@ -38,27 +38,6 @@ Batch = tuple[Tensor, list[dict[str, Any]]]
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self\.log\('(train|val|test)/.*sync_dist=True"
 )
-
-
-def to_pixels(
-    items: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]]
-) -> list[dict[str, Tensor]]:
-    """Copy detections or targets with boxes scaled from normalised xyxy to original-image pixels.
-
-    Args:
-        items: dicts with ``boxes: Tensor[N, 4]`` normalised xyxy and other per-box keys.
-        targets: the batch's targets; ``orig_size`` ``(H, W)`` gives the pixel scale.
-
-    Returns:
-        New dicts (the inputs are not modified) with pixel boxes.
-    """
-    out = []
-    for item, target in zip(items, targets, strict=True):
-        h, w = (int(v) for v in target["orig_size"])
-        converted = {k: v for k, v in item.items() if isinstance(v, Tensor)}
-        converted["boxes"] = scale_boxes(item["boxes"].float(), w, h)
-        out.append(converted)
-    return out
 
 
 class SSDLitModule(LightningModule):
