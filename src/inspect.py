@@ -13,14 +13,16 @@ the run folder (``outputs/inspect/runs/<time>``) receives
   ``box_shapes``: width against height, covered and missed boxes, anchor shapes;
 * ``coverage``: the share of training boxes whose best anchor reaches the target encoder's IoU
   threshold, per COCO size (small / medium / large at the input), and the best-IoU histogram;
+  the same share after the training transform (``inspect.augmented_images`` random images:
+  the SSD zoom-out shrinks boxes by up to 4x) in the text;
 * ``anchor_search``: the coverage of the size ladder scaled by ``inspect.scales`` under each
   ratio set, and the best settings as overrides to paste after ``python -m src.train``;
 * ``samples``: training samples after the training transform (augmentation included), with the
   boxes the model is given.
 
-The boxes are read from the annotations (no image decoded except the samples'); the anchors come
-from the backbone and anchor generator of the config (``hydra.utils.instantiate``), the network
-run once on a zero image for its feature-map sizes.
+The boxes are read from the annotations (no image decoded except the augmented ones); the
+anchors come from the backbone and anchor generator of the config (``hydra.utils.instantiate``),
+the backbone run once (on the meta device) for its feature-map sizes.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def _quantiles(values: torch.Tensor) -> list[float]:
     return values.float().quantile(torch.tensor(QUANTILES)).tolist()
 
 
-def _pct(value: float) -> str:
-    return "n/a" if value != value else f"{value:.1%}"
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.1%}"
 
 
 def _candidate_row(rank: int, c: AnchorCandidate, current: AnchorCandidate) -> str:
@@ -164,7 +166,17 @@ def _markdown(info: dict[str, Any], cov: Coverage, candidates: list[AnchorCandid
         SIZE_NAMES, limits, cov.size_counts.tolist(), cov.per_size.tolist(), strict=True
     ):
         lines.append(f"| {name} ({limit}) | {n} | {_pct(share)} |")
+    aug = info["augmented"]
+    sizes = ", ".join(
+        f"{name} {_pct(s)} of {n}"
+        for name, s, n in zip(SIZE_NAMES, aug["size_coverage"], aug["size_boxes"], strict=True)
+        if n
+    )
     lines += [
+        "",
+        f"After the training transform (`data.augment={info['augment']}`, {aug['images']} "
+        f"random training images, {aug['boxes']} boxes): "
+        f"{_pct(aug['coverage'])} covered ({sizes}).",
         "",
         _figure_link("coverage"),
         "",
@@ -267,6 +279,9 @@ def _console_summary(info: dict[str, Any], cov: Coverage, candidates: list[Ancho
             f"box height px q5 {q['height_px'][0]:.3g}  q50 {q['height_px'][2]:.3g}  "
             f"q95 {q['height_px'][4]:.3g}",
             f"anchor coverage (best IoU >= {cov.threshold:g}): {_pct(cov.overall)} ({sizes})",
+            f"after the training transform (augment={info['augment']}, "
+            f"{info['augmented']['images']} images, {info['augmented']['boxes']} boxes): "
+            f"{_pct(info['augmented']['coverage'])}",
             *lines,
             f"summary and figures: {info['summary']}",
         ]
@@ -350,11 +365,18 @@ def inspect(cfg: DictConfig) -> dict[str, Any]:
     pairs = torch.unique(torch.stack((labels, image_index), dim=1), dim=0)
     class_images += torch.bincount(pairs[:, 0], minlength=len(classes))[: len(classes)]
 
-    # training samples through the training transform, as the training loader gives them
+    # training samples through the training transform, as the training loader gives them: the
+    # first num_samples are drawn, all augmented_images are measured (augmentation such as the
+    # SSD zoom-out shrinks boxes: the coverage the matching meets in training)
     count = min(int(options.num_samples), len(dataset))
-    picks = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    measured = min(max(count, int(options.augmented_images)), len(dataset))
+    picks = torch.randperm(len(dataset), generator=generator)[:measured].tolist()
     samples = [dataset[i] for i in picks]
     augment = getattr(datamodule, "augment", "?")
+    aug_boxes = torch.cat([t["boxes"].reshape(-1, 4) for _, t in samples])
+    aug_labels = torch.cat([t["labels"].reshape(-1) for _, t in samples])
+    aug_cov = anchor_coverage(aug_boxes, aug_labels, anchors, threshold, size, len(classes))
+    samples = samples[:count]
 
     overrides = task_overrides(str(out))
     keep = [o for o in overrides if not o.startswith(("inspect.", "paths.output_dir"))]
@@ -406,6 +428,13 @@ def inspect(cfg: DictConfig) -> dict[str, Any]:
             for c in candidates[: int(options.top_k)]
         ],
         "samples": count,
+        "augmented": {
+            "images": measured,
+            "boxes": aug_cov.total,
+            "coverage": None if aug_cov.total == 0 else aug_cov.overall,
+            "size_boxes": aug_cov.size_counts.tolist(),
+            "size_coverage": [None if v != v else v for v in aug_cov.per_size.tolist()],
+        },
         "augment": augment,
         "summary": str(out / "summary.md"),
     }

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchvision.io import decode_image
 
 from src.callbacks.anchor_coverage import AnchorCoverageCheck, inspect_command
 from src.detection.anchors import GridAnchorGenerator
-from src.detection.coverage import anchor_coverage, search_anchors
+from src.detection.coverage import anchor_coverage, format_overrides, search_anchors
 from src.detection.targets import TargetEncoder
 from src.inspect import inspect
 from src.train import train
@@ -51,6 +53,7 @@ def test_inspect_writes_every_file_on_bananas(tmp_path: Path, banana_data_dir: P
         "data.num_synthetic_val=8",
         "inspect.scales=[0.8,1.25]",
         "inspect.num_samples=4",
+        "inspect.augmented_images=6",
     ]
     result = inspect(compose_config("inspect", overrides))
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -70,12 +73,21 @@ def test_inspect_writes_every_file_on_bananas(tmp_path: Path, banana_data_dir: P
     assert info["objects_per_image"] == {"mean": 1.0, "median": 1.0, "max": 1, "empty": 0}
     assert (info["input"], info["anchors"], info["iou_threshold"]) == ("256x256", 5444, 0.5)
     assert sum(v["boxes"] for v in info["size_coverage"].values()) == 16
+    # 6 images through the training transform (the recipe's flips keep every banana)
+    assert (info["augmented"]["images"], info["augmented"]["boxes"], info["samples"]) == (6, 6, 4)
+    assert sum(info["augmented"]["size_boxes"]) == 6
     # the coverage is the share of the 16 boxes reaching IoU 0.5
     cov = result["coverage"]
     assert info["current_coverage"] == pytest.approx(cov.num_covered / 16)
     assert len(result["candidates"]) == 3 * 3  # scales 0.8, 1, 1.25 x ratio sets
     assert info["suggestions"][0]["coverage"] >= info["current_coverage"]
     assert "python -m src.inspect" in summary and "## Suggested anchors" in summary
+    # the printed overrides of a suggestion build a network with the anchors it was scored on
+    other = next(c for c in result["candidates"] if c.num_anchors != 5444)
+    cfg = compose_config("train", shlex.split(format_overrides(other.overrides)))
+    with torch.no_grad():
+        net = instantiate(cfg.model.net, num_classes=1).eval()
+        assert net(torch.zeros(1, 3, 256, 256)).anchors.shape == (other.num_anchors, 4)
 
 
 def _legible(fig) -> None:  # noqa: ANN001

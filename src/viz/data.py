@@ -341,7 +341,7 @@ def anchor_search_figure(candidates: Sequence[AnchorCandidate]) -> Figure:
         ax.set_ylabel("covered %")
         fig.legend(loc="outside lower center", ncols=1)
         low = min(100 * c.coverage for c in candidates)
-        ax.set_ylim(max(0.0, low - 5), 102)
+        ax.set_ylim(max(0.0, low - 5), 104)
     return fig
 
 
