@@ -336,16 +336,19 @@ class DetectionDataset(Dataset):
 
         Returns:
             ``(names, category_ids)``: label ``i`` is ``names[i]``; ``category_ids[i]`` is its
-            id in COCO result files, or None for ``1..C``. Default: the class attribute
-            ``classes``.
+            id in COCO result files, or None for ``1..C``. Default: the factory's ``classes``
+            keyword (a list or a text file, :func:`read_class_names`), else the class
+            attribute ``classes``.
 
         Raises:
             TypeError: the format cannot say its classes before it is built.
         """
+        if kwargs.get("classes") is not None:
+            return read_class_names(kwargs["classes"], "data.classes"), None
         if not cls.classes:
             raise TypeError(
-                f"{cls.__name__} does not say its classes before it is built: implement "
-                "read_classes()"
+                f"{cls.__name__} does not say its classes before it is built: give the factory "
+                "a classes keyword, set the class attribute classes, or implement read_classes()"
             )
         return list(cls.classes), None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from src.data.banana import BananaDataModule, BananaDataset
 from src.data.base import DataFormatError, DetectionDataModule, DetectionDataset
 from src.data.voc import VOC_CLASSES, VOCDataModule, VOCDataset
+from src.utils.config import register_resolvers
 from tests.conftest import CONF_DIR, compose_config, shared_data
 
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "augment", "image_size", "cache")
@@ -189,3 +191,89 @@ def test_old_run_configs_still_instantiate(tmp_path: Path, mini_root: Path) -> N
     assert banana.dataset_dir == tmp_path / "banana-synthetic"
     assert (len(banana.train_dataset), len(banana.val_dataset)) == (4, 2)
     assert banana.train_dataset.cached  # data.cache=true reaches the one DataModule
+
+
+# ------------------------------------------------------------------ a new format (docs/data.md)
+class CsvBoxesDataset(DetectionDataset):
+    """The example format of docs/data.md: ``file,xmin,ymin,xmax,ymax,class`` pixel rows."""
+
+    def __init__(self, csv_path, images_dir, classes, transform=None):  # noqa: ANN001
+        import csv
+
+        from src.data.base import read_image_size
+
+        self.classes, self.transform = tuple(classes), transform
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        files = sorted({r["file"] for r in rows})
+        self.paths = [Path(images_dir) / f for f in files]
+        self.sizes = [read_image_size(p) for p in self.paths]
+        self.owner = torch.tensor([files.index(r["file"]) for r in rows])
+        coords = [[float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax")] for r in rows]
+        self.boxes = torch.tensor(coords)
+        self.labels = torch.tensor([self.classes.index(r["class"]) for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image_path(self, index: int) -> Path:
+        return self.paths[index]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.sizes[index]
+
+    def pixel_annotations(self, index: int) -> dict[str, torch.Tensor]:
+        mine = self.owner == index
+        flags = torch.zeros(int(mine.sum()), dtype=torch.bool)
+        return {"boxes": self.boxes[mine], "labels": self.labels[mine], "difficult": flags,
+                "iscrowd": flags.clone()}  # fmt: skip
+
+
+EXAMPLE_YAML = """\
+defaults: [_loader, _self_]
+_target_: src.data.base.DetectionDataModule
+train_csv: ???
+val_csv: ???
+images: ???
+classes: ???
+train: &split
+  {_target_: tests.data.test_datamodule.CsvBoxesDataset, _partial_: true,
+   csv_path: "${..train_csv}", images_dir: "${..images}", classes: "${..classes}"}
+val: {<<: *split, csv_path: "${..val_csv}"}
+"""
+
+
+def test_a_new_format_is_one_dataset_class_and_one_yaml(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from torchvision.io import encode_png, write_file
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        write_file(str(images / name), encode_png(torch.zeros(3, 30, 40, dtype=torch.uint8)))
+    header = "file,xmin,ymin,xmax,ymax,class\n"
+    (tmp_path / "train.csv").write_text(header + "a.png,4,3,20,15,cat\nb.png,0,0,40,30,dog\n")
+    (tmp_path / "val.csv").write_text(header + "b.png,10,6,30,24,cat\n")
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR / "data", conf / "data")
+    assert EXAMPLE_YAML.count("\n") == 10  # the docs' "10 lines"
+    (conf / "data" / "csv_boxes.yaml").write_text(EXAMPLE_YAML)
+    (conf / "main.yaml").write_text(
+        "defaults:\n  - data: csv_boxes\n  - _self_\n"
+        "backbone:\n  image_size: 32\ntrainer:\n  accelerator: cpu\n"
+    )
+    overrides = [
+        f"data.train_csv={tmp_path / 'train.csv'}", f"data.val_csv={tmp_path / 'val.csv'}",
+        f"data.images={images}", "data.classes=[cat,dog]", "data.num_workers=0",
+    ]  # fmt: skip
+    register_resolvers()  # ${gpu_only:} in _loader.yaml (the entry points register it)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="main", overrides=overrides)
+    dm = instantiate(cfg.data)
+    assert dm.classes == ["cat", "dog"] and dm.hparams["batch_size"] == 32
+    assert dm.hparams["pin_memory"] is False  # gpu_only:true on a CPU trainer
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 2 and dm.train_dataset[1][1]["labels"].tolist() == [1]
+    images, targets = next(iter(dm.val_dataloader()))
+    assert images.shape == (1, 3, 32, 32) and targets[0]["labels"].tolist() == [0]
+    torch.testing.assert_close(targets[0]["boxes"], torch.tensor([[0.25, 0.2, 0.75, 0.8]]))
