@@ -215,3 +215,40 @@ def test_train_warns_when_the_anchors_miss_the_boxes(
     warnings = [r.getMessage() for r in caplog.records if r.name == "src.callbacks.anchor_coverage"]
     assert warnings == [check.message]
     assert "is below 90%" in warnings[0] and "python -m src.inspect" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "backbone", "images", "boxes", "covered"),
+    [
+        # 100 VOC2012 images against SSD300's 8732 default boxes
+        ("voc_mini", "vgg16", 100, 235, 226),
+        # the publisher's 160 training photos against the default recipe's TinySSD anchors
+        ("raccoon", "tiny_small_anchors", 160, 173, 173),
+    ],
+)
+def test_coverage_of_the_real_test_data(
+    tmp_path: Path, data: str, backbone: str, images: int, boxes: int, covered: int
+) -> None:
+    from src.detection.coverage import dataset_boxes, feature_sizes
+    from tests.conftest import shared_data
+
+    root = shared_data("VOCdevkit-mini" if data == "voc_mini" else "raccoon")
+    cfg = compose_config(
+        "inspect",
+        [
+            f"paths.output_dir={tmp_path}",
+            f"data={data}",
+            f"data.root={root}",
+            f"backbone={backbone}",
+        ],
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    dataset = datamodule.build_dataset("train")
+    found, labels, index = dataset_boxes(dataset)
+    assert (len(dataset), found.shape[0], int(index.max()) + 1) == (images, boxes, images)
+    size = (int(cfg.backbone.image_size), int(cfg.backbone.image_size))
+    net = instantiate(cfg.backbone.net, **({"pretrained": None} if backbone == "vgg16" else {}))
+    anchors = instantiate(cfg.backbone.anchors)(feature_sizes(net, size), size)
+    cov = anchor_coverage(found, labels, anchors, 0.5, size, datamodule.num_classes)
+    assert cov.num_covered == covered
