@@ -10,6 +10,13 @@ format: ``image_id``, original ``category_id``, ``bbox`` ``[x, y, w, h]`` pixels
 ``images`` entries those ids refer to). Images go through the network ``batch_size`` at a time;
 the log gives images/s. A file that cannot be decoded is reported and skipped; the others are
 processed, and the command exits non-zero at the end.
+
+The score threshold (:func:`resolve_threshold`): ``threshold=T`` if given; else the F1-optimal
+threshold stored in the checkpoint (``score_threshold``: the micro-F1-optimal threshold at IoU 0.5
+of the validation that made the checkpoint, written by ``src.train``); else, for checkpoints
+written before that or trained without the VOC metric, ``fallback_threshold`` (0.5) with a
+warning. The log says which threshold is used and where it comes from, and for every image without
+a detection above it, the highest score seen and a threshold that would show it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ if __name__ == "__main__":  # before torch is imported: see src/utils/malloc.py
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 from src.data.base import ImageReadError, read_image
 from src.data.coco_results import coco_results, write_coco_results
 from src.detection.box_ops import scale_boxes
-from src.utils.checkpoint import load_module
+from src.utils.checkpoint import load_module, load_run_config
 from src.utils.config import set_project_root
 from src.viz.boxes import draw_detections
 
@@ -42,7 +50,15 @@ log = logging.getLogger(__name__)
 
 set_project_root()
 
-__all__ = ["PredictionError", "list_images", "output_stem", "predict", "predict_batch"]
+__all__ = [
+    "PredictionError",
+    "list_images",
+    "no_detection_message",
+    "output_stem",
+    "predict",
+    "predict_batch",
+    "resolve_threshold",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -102,7 +118,9 @@ def predict_batch(
 
     Returns:
         One dict per image: ``boxes: Tensor[N, 4]`` xyxy in pixels of that image,
-        ``scores: Tensor[N]``, ``labels: Tensor[N]`` 0-based, by decreasing score (CPU).
+        ``scores: Tensor[N]``, ``labels: Tensor[N]`` 0-based, by decreasing score (CPU), and
+        ``top_score`` / ``top_label`` (0-d tensors): the highest score of the post-processed
+        detections before ``threshold`` and its label (nan and -1 when there is none).
     """
     size = list(module.net.image_size)
     device = next(module.parameters()).device
@@ -116,24 +134,99 @@ def predict_batch(
         height, width = image.shape[-2:]
         keep = det["scores"] >= threshold
         order = det["scores"][keep].argsort(descending=True)
+        scores = det["scores"].float().cpu()
+        top = int(scores.argmax()) if scores.numel() else -1
         results.append(
             {
                 "boxes": scale_boxes(det["boxes"][keep][order].float().cpu(), width, height),
                 "scores": det["scores"][keep][order].float().cpu(),
                 "labels": det["labels"][keep][order].cpu(),
+                "top_score": scores[top] if top >= 0 else torch.tensor(math.nan),
+                "top_label": det["labels"][top].cpu() if top >= 0 else torch.tensor(-1),
             }
         )
     return results
 
 
+def resolve_threshold(cfg: DictConfig, checkpoint: dict[str, Any]) -> tuple[float, str]:
+    """The score threshold of a prediction run and where it comes from.
+
+    Args:
+        cfg: the composed ``conf/predict.yaml`` (``threshold``, ``fallback_threshold``).
+        checkpoint: the checkpoint's dict; ``score_threshold`` holds the F1-optimal threshold of
+            its validation (``value``, ``f1``, ``precision``, ``recall``, ``epoch``,
+            ``iou_threshold``) in checkpoints written by ``src.train`` with the VOC metric.
+
+    Returns:
+        ``(threshold, source)``: ``source`` says where the value comes from, in words.
+
+    Raises:
+        ValueError: the threshold is outside ``[0, 1]``.
+    """
+    stored = checkpoint.get("score_threshold")
+    if cfg.get("threshold") is not None:
+        value, source = float(cfg.threshold), "given as threshold=" + str(cfg.threshold)
+    elif isinstance(stored, dict) and stored.get("value") is not None:
+        value = float(stored["value"])
+        source = (
+            "the F1-optimal threshold of the checkpoint's validation (epoch "
+            f"{stored.get('epoch', '?')}: F1 {float(stored.get('f1', math.nan)):.3f}, precision "
+            f"{float(stored.get('precision', math.nan)):.3f}, recall "
+            f"{float(stored.get('recall', math.nan)):.3f} at IoU "
+            f"{float(stored.get('iou_threshold', 0.5)):g}, all classes)"
+        )
+    else:
+        value = float(cfg.get("fallback_threshold", 0.5))
+        source = (
+            "the default fallback_threshold: this checkpoint stores no F1-optimal threshold "
+            "(written before src.train stored one, or trained without the VOC metric); pass "
+            "threshold=T to choose one"
+        )
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {value} ({source})")
+    return value, source
+
+
+def no_detection_message(
+    name: str, det: dict[str, torch.Tensor], threshold: float, names: list[str] | None
+) -> str:
+    """What to say about an image without a detection at or above ``threshold``.
+
+    Args:
+        name: the image, as shown to the user.
+        det: its :func:`predict_batch` result (``top_score``, ``top_label``).
+        threshold: the threshold used.
+        names: class names indexed by label.
+
+    Returns:
+        E.g. ``a.jpg: no detection above 0.90; highest score 0.37 (banana): try threshold=0.3``
+        (the suggestion: the highest score rounded down to one significant digit).
+    """
+    top = float(det["top_score"])
+    if not math.isfinite(top):
+        return (
+            f"{name}: no detection at all (the post-processing's own score threshold removed "
+            "every box): the model sees nothing here"
+        )
+    label = int(det["top_label"])
+    cls = names[label] if names and 0 <= label < len(names) else str(label)
+    exponent = math.floor(math.log10(top)) if top > 0 else 0
+    digits = max(0, -exponent)
+    suggestion = math.floor(top / 10.0**exponent) * 10.0**exponent if top > 0 else 0.0
+    return (
+        f"{name}: no detection above {threshold:.2f}; highest score {top:.2f} ({cls}): try "
+        f"threshold={suggestion:.{digits}f}"
+    )
+
+
 def _write_image_outputs(
-    path: Path, rel: Path, image: torch.Tensor, det: dict[str, torch.Tensor], cfg: DictConfig,
+    path: Path, rel: Path, image: torch.Tensor, det: dict[str, torch.Tensor], threshold: float,
     names: list[str] | None, out_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``<stem>_pred.png`` and ``<stem>_pred.json`` of one image; return its record."""
     height, width = image.shape[-2:]
     norm = {**det, "boxes": scale_boxes(det["boxes"], 1.0 / width, 1.0 / height)}
-    drawn = draw_detections(image, norm, class_names=names, score_threshold=float(cfg.threshold))
+    drawn = draw_detections(image, norm, class_names=names, score_threshold=threshold)
     folder = out_dir / rel.parent
     folder.mkdir(parents=True, exist_ok=True)
     stem = output_stem(path)
@@ -156,7 +249,7 @@ def _write_image_outputs(
                 "width": int(width),
                 "height": int(height),
                 "box_format": "xyxy pixels",
-                "threshold": float(cfg.threshold),
+                "threshold": threshold,
                 "detections": detections,
             },
             indent=2,
@@ -178,13 +271,19 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     Raises:
         PredictionError: after all images were tried, if some could not be decoded.
     """
-    if not 0.0 <= float(cfg.threshold) <= 1.0:
+    if cfg.get("threshold") is not None and not 0.0 <= float(cfg.threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {cfg.threshold}")
     batch_size = int(cfg.get("batch_size", 8))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = list_images(cfg.image)
-    module, run_config = load_module(cfg.ckpt_path)
+    _, checkpoint = load_run_config(cfg.ckpt_path)
+    threshold, source = resolve_threshold(cfg, checkpoint)
+    module, run_config = load_module(cfg.ckpt_path, checkpoint=checkpoint)
+    if cfg.get("threshold") is None and checkpoint.get("score_threshold") is None:
+        log.warning("Score threshold %g, %s", threshold, source)
+    else:
+        log.info("Score threshold %g, %s", threshold, source)
     module.to(cfg.device)
     names = module.class_names
     count = int(module.net.num_classes)
@@ -210,11 +309,13 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         if not batch:
             continue
         tic = time.perf_counter()
-        detections = predict_batch(module, [im for _, _, im in batch], float(cfg.threshold))
+        detections = predict_batch(module, [im for _, _, im in batch], threshold)
         seconds += time.perf_counter() - tic
         for (image_id, path, image), det in zip(batch, detections, strict=True):
             rel = path.relative_to(root)
-            records.append(_write_image_outputs(path, rel, image, det, cfg, names, out_dir))
+            if not det["scores"].numel():
+                log.warning("%s", no_detection_message(rel.as_posix(), det, threshold, names))
+            records.append(_write_image_outputs(path, rel, image, det, threshold, names, out_dir))
             height, width = image.shape[-2:]
             images_json.append(
                 {"id": image_id, "file_name": rel.as_posix(), "width": width, "height": height}

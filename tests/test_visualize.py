@@ -168,7 +168,7 @@ def test_callback_logged_anchor_pictures(ckpt: Path) -> None:
         acc = EventAccumulator(str(ev.parent))
         acc.Reload()
         tags |= set(acc.Tags()["images"])
-    assert {"val/anchors/0", "val/anchors/1", "val/negatives/0", "val/negatives/1"} <= tags
+    assert {f"val_images/{k}/{i}" for k in ("anchors", "negatives") for i in (0, 1)} <= tags
 
 
 def test_command_line(ckpt: Path, tmp_path: Path) -> None:

@@ -1,4 +1,10 @@
-"""Lightning callbacks that draw to TensorBoard: per-anchor panels and detection grids."""
+"""Lightning callbacks that draw to TensorBoard: anchor panels, detections and PR curves.
+
+Every picture is one TensorBoard card, legible at the card's default size: figures 3.4 inches
+wide with at most two short title lines (``src/viz/style.py``), detections one image per card.
+The images go under ``val_images/`` (a group that sorts after the ``loss``, ``mAP``, ``train`` and
+``val`` curves, see :mod:`src.callbacks.hparams`), the PR curves also to the PR Curves tab.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +21,16 @@ from src.viz.anchors import (
     figure_to_tensor,
     negatives_figure,
 )
-from src.viz.boxes import detection_grid
-from src.viz.pr_curves import pr_curves_figure
+from src.viz.boxes import detection_picture
+from src.viz.pr_curves import devkit_curve, pr_curve_counts, pr_curves_figure, ranked_matches
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AnchorPanelsCallback", "DetectionGridCallback", "PRCurvesCallback"]
+
+
+def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
 class AnchorPanelsCallback(Callback):
@@ -38,21 +48,21 @@ class AnchorPanelsCallback(Callback):
 
     Args:
         num_images: validation images drawn (0 disables the callback).
-        max_panels: positive anchors per image (highest box loss first).
+        max_panels: positive anchors per image (highest box loss first); 4 fill a 2 x 2 figure.
         show_anchor: draw the anchors in the panels.
         every_n_epochs: draw every n-th validation epoch.
         tag: prefix of the TensorBoard image tags.
-        dpi: resolution of the rendered figures (150: 9 pt titles are 19 px high, legible in
-            TensorBoard without zooming).
+        dpi: resolution of the rendered figures (150: a 3.4-inch figure is 510 px wide, about a
+            TensorBoard card's width).
     """
 
     def __init__(
         self,
         num_images: int = 2,
-        max_panels: int = 8,
+        max_panels: int = 4,
         show_anchor: bool = True,
         every_n_epochs: int = 1,
-        tag: str = "val",
+        tag: str = "val_images",
         dpi: int = 150,
     ) -> None:
         if int(num_images) < 0:
@@ -107,20 +117,14 @@ class AnchorPanelsCallback(Callback):
             return
         if trainer.current_epoch % self.every_n_epochs != 0:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = _tensorboards(trainer)
         if not loggers:
             return
         for i, (image, target) in enumerate(self._get_examples(trainer)):
             analysis = analyze_module(pl_module, image, target, max_panels=self.max_panels)
-            panels = anchor_panels_figure(
-                analysis,
-                show_anchor=self.show_anchor,
-                title=f"Validation image {i}, epoch {trainer.current_epoch}",
-            )
-            negatives = negatives_figure(
-                analysis,
-                title=f"Validation image {i}, epoch {trainer.current_epoch}: hard negatives",
-            )
+            name = f"Image {i}, epoch {trainer.current_epoch}"
+            panels = anchor_panels_figure(analysis, show_anchor=self.show_anchor, title=name)
+            negatives = negatives_figure(analysis, title=f"{name}: hard negatives")
             for fig in (panels, negatives):
                 fig.set_dpi(self.dpi)
             pictures = {
@@ -128,41 +132,58 @@ class AnchorPanelsCallback(Callback):
                 f"{self.tag}/negatives/{i}": figure_to_tensor(negatives),
             }
             for logger in loggers:
-                for name, picture in pictures.items():
-                    logger.experiment.add_image(name, picture, trainer.global_step)
+                for tag, picture in pictures.items():
+                    logger.experiment.add_image(tag, picture, trainer.global_step)
 
 
 class DetectionGridCallback(Callback):
-    """Log a grid of the first validation images with their detections, each validation epoch.
+    """Log the first validation images with their detections, one TensorBoard card per image.
 
-    Boxes above ``score_threshold`` are drawn with the module's ``class_names`` next to the
-    ground truth, as ``<tag>/detections`` in every TensorBoard logger (other loggers are
-    skipped, and nothing is drawn during the sanity check).
+    Each of the first ``num_images`` images of the first validation batch goes to every
+    TensorBoard logger as ``<tag>/detections/<i>`` (other loggers are skipped, and nothing is
+    drawn during the sanity check): the image with its longer side ``size`` pixels, the ground
+    truth in green, the ``max_boxes`` highest-scoring detections at or above the score threshold
+    in red with their class names and scores, and a legend saying the threshold. The pictures
+    are drawn at the end of validation, after the module has computed the F1-optimal threshold
+    of that validation (``pl_module.score_threshold``), which is the default threshold.
 
     Args:
         num_images: images of the first validation batch drawn (0 disables the callback).
-        score_threshold: minimum score of a drawn detection.
-        tag: prefix of the TensorBoard image tag.
+        score_threshold: minimum score of a drawn detection; None: the F1-optimal threshold of
+            the validation just run, or ``fallback_threshold`` when the module has none (no VOC
+            metric, or no detection).
+        tag: prefix of the TensorBoard image tags.
         max_boxes: detections drawn per image at most (the highest scores); null: all.
+        size: longer side of each drawn image, in pixels.
+        fallback_threshold: the threshold when ``score_threshold`` is None and the module has
+            no F1-optimal one.
     """
 
     def __init__(
         self,
-        num_images: int = 8,
-        score_threshold: float = 0.3,
-        tag: str = "val",
+        num_images: int = 4,
+        score_threshold: float | None = None,
+        tag: str = "val_images",
         max_boxes: int | None = 10,
+        size: int = 512,
+        fallback_threshold: float = 0.3,
     ) -> None:
         if int(num_images) < 0:
             raise ValueError(f"callbacks.detection_grid.num_images must be >= 0, got {num_images}")
-        if not 0.0 <= float(score_threshold) <= 1.0:
-            raise ValueError(
-                f"callbacks.detection_grid.score_threshold must be in [0, 1], got {score_threshold}"
-            )
+        for key, value in (
+            ("score_threshold", score_threshold),
+            ("fallback_threshold", fallback_threshold),
+        ):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"callbacks.detection_grid.{key} must be in [0, 1], got {value}")
+        if int(size) < 64:
+            raise ValueError(f"callbacks.detection_grid.size must be >= 64 pixels, got {size}")
         self.num_images = int(num_images)
-        self.score_threshold = float(score_threshold)
+        self.score_threshold = None if score_threshold is None else float(score_threshold)
+        self.fallback_threshold = float(fallback_threshold)
         self.tag = tag
         self.max_boxes = None if max_boxes is None else int(max_boxes)
+        self.size = int(size)
         self._batch: tuple[Tensor, list[dict[str, Tensor]], list[dict[str, Tensor]]] | None = None
 
     def on_validation_batch_end(
@@ -187,49 +208,88 @@ class DetectionGridCallback(Callback):
             [{k: v.detach().cpu() for k, v in d.items()} for d in outputs[:n]],
         )
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Draw the kept batch to TensorBoard."""
+    def threshold(self, pl_module: Any) -> tuple[float, str]:
+        """The score threshold of the pictures and what it is (for the legend)."""
+        if self.score_threshold is not None:
+            return self.score_threshold, ""
+        best = getattr(pl_module, "score_threshold", None)
+        if isinstance(best, dict) and best.get("value") is not None:
+            return float(best["value"]), f"F1-optimal (F1 {float(best.get('f1', 0.0)):.2f})"
+        return self.fallback_threshold, ""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the kept images to TensorBoard (after the module's epoch-end threshold)."""
         if self._batch is None:
             return
         images, targets, detections = self._batch
         self._batch = None
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = _tensorboards(trainer)
         if not loggers:
             return
-        grid = detection_grid(
-            images,
-            detections,
-            targets,
-            class_names=getattr(pl_module, "class_names", None),
-            score_threshold=self.score_threshold,
-            max_boxes=self.max_boxes,
-        )
-        for logger in loggers:
-            logger.experiment.add_image(f"{self.tag}/detections", grid, trainer.global_step)
+        threshold, note = self.threshold(pl_module)
+        names = getattr(pl_module, "class_names", None)
+        for i, (image, target, det) in enumerate(zip(images, targets, detections, strict=True)):
+            picture = detection_picture(
+                image,
+                det,
+                target,
+                class_names=names,
+                score_threshold=threshold,
+                max_boxes=self.max_boxes,
+                size=self.size,
+                threshold_note=note,
+            )
+            for logger in loggers:
+                logger.experiment.add_image(
+                    f"{self.tag}/detections/{i}", picture, trainer.global_step
+                )
 
 
 class PRCurvesCallback(Callback):
     """Log the VOC metric's per-class precision/recall curves, each validation epoch.
 
-    Reads the module's validation VOC metric (``pl_module.metrics_of("val")["voc"]``, its
-    :meth:`~src.metrics.voc_map.VOCMeanAveragePrecision.pr_curves`) before the module computes
-    and resets it, and draws one curve per class (the largest APs first, ``max_classes`` of them)
-    to every TensorBoard logger as ``<tag>/pr_curves``. Nothing is drawn without a VOC metric,
-    without a TensorBoard logger, during the sanity check, or on ranks other than 0 (whose
-    curves would cover only their share of the images).
+    Reads the module's validation VOC metric (``pl_module.metrics_of("val")["voc"]``) before the
+    module computes and resets it, matches its detections class by class
+    (:func:`src.viz.pr_curves.ranked_matches`, the devkit's rules at the metric's IoU) and logs
+    to every TensorBoard logger:
+
+    * ``<tag>/pr_curves``: one figure, one curve per class (the largest APs first,
+      ``max_classes`` of them), in the Images tab;
+    * ``<curve_tag>/<class name>``: each class's curve in the PR Curves tab, from exact counts at
+      ``num_thresholds`` score thresholds, missed ground truths included
+      (:func:`src.viz.pr_curves.pr_curve_counts`).
+
+    Nothing is drawn without a VOC metric, without a TensorBoard logger, during the sanity
+    check, or on ranks other than 0 (whose curves would cover only their share of the images).
 
     Args:
-        max_classes: classes drawn (the others are counted in the title).
-        tag: prefix of the TensorBoard image tag.
+        max_classes: classes drawn in the figure (the others are counted in the title; every
+            class goes to the PR Curves tab).
+        tag: prefix of the figure's image tag.
         dpi: resolution of the rendered figure.
+        curve_tag: prefix of the PR Curves tab's tags.
+        num_thresholds: score thresholds of the PR Curves tab (``k / (n - 1)``; at most 127).
     """
 
-    def __init__(self, max_classes: int = 10, tag: str = "val", dpi: int = 150) -> None:
+    def __init__(
+        self,
+        max_classes: int = 10,
+        tag: str = "val_images",
+        dpi: int = 150,
+        curve_tag: str = "val",
+        num_thresholds: int = 101,
+    ) -> None:
         if int(max_classes) < 1:
             raise ValueError(f"callbacks.pr_curves.max_classes must be >= 1, got {max_classes}")
+        if not 2 <= int(num_thresholds) <= 127:
+            raise ValueError(
+                f"callbacks.pr_curves.num_thresholds must be in [2, 127], got {num_thresholds}"
+            )
         self.max_classes = int(max_classes)
         self.tag = tag
         self.dpi = int(dpi)
+        self.curve_tag = curve_tag
+        self.num_thresholds = int(num_thresholds)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Draw the epoch's curves (callbacks run before the module's hook resets the metric)."""
@@ -237,19 +297,32 @@ class PRCurvesCallback(Callback):
             return
         if getattr(trainer, "world_size", 1) > 1:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = _tensorboards(trainer)
         metrics_of = getattr(pl_module, "metrics_of", None)
         if not loggers or metrics_of is None or "voc" not in metrics_of("val"):
             return
-        curves = metrics_of("val")["voc"].pr_curves()
+        matches = ranked_matches(metrics_of("val")["voc"])
         names = list(getattr(pl_module, "class_names", None) or [])
+        names += [str(c) for c in range(len(names), len(matches))]
         fig = pr_curves_figure(
-            curves,
+            [None if m is None else devkit_curve(m) for m in matches],
             names,
             max_classes=self.max_classes,
             title=f"VOC precision/recall, epoch {trainer.current_epoch}",
         )
         fig.set_dpi(self.dpi)
         picture = figure_to_tensor(fig)
+        counts = {
+            f"{self.curve_tag}/{names[c]}": pr_curve_counts(m, self.num_thresholds)
+            for c, m in enumerate(matches)
+            if m is not None
+        }
         for logger in loggers:
             logger.experiment.add_image(f"{self.tag}/pr_curves", picture, trainer.global_step)
+            for tag, values in counts.items():
+                logger.experiment.add_pr_curve_raw(
+                    tag,
+                    **{k: v.numpy() for k, v in values.items()},
+                    global_step=trainer.global_step,
+                    num_thresholds=self.num_thresholds,
+                )

@@ -22,6 +22,7 @@ from src.detection.coder import BoxCoder
 from src.detection.losses import compute_loss
 from src.detection.targets import MultiboxTargets, TargetEncoder
 from src.metrics import BBoxMAE, ClassError, DetectionMeanAveragePrecision
+from src.metrics.curves import f1_optimal_threshold
 from src.models.convert import load_initial_weights
 from src.utils.checkpoint import plain_checkpoint
 from src.utils.faults import check_finite_grads, check_finite_loss, check_finite_state
@@ -154,6 +155,11 @@ class SSDLitModule(LightningModule):
         self.train_terms = nn.ModuleDict({"cls_loss": MeanMetric(), "box_loss": MeanMetric()})
         #: resolved Hydra config of the run, stored in checkpoints (set by ``src.train``).
         self.run_config: dict[str, Any] | None = None
+        #: the F1-optimal score threshold of the last validation (micro F1 over all classes at
+        #: the VOC metric's IoU, 0.5): ``value``, ``f1``, ``precision``, ``recall``, ``epoch``,
+        #: ``global_step``, ``iou_threshold``; None before the first validation or without a VOC
+        #: metric. Stored in checkpoints as ``score_threshold`` (``src.predict`` uses it).
+        self.score_threshold: dict[str, Any] | None = None
 
     def metrics_of(self, stage: str) -> nn.ModuleDict:
         """The metrics of ``stage`` (train, val, test): ``book``, ``loss``, ``map``, ``voc``."""
@@ -304,8 +310,37 @@ class SSDLitModule(LightningModule):
             )
             if per_class:
                 self.log_dict(per_class)
+            self._log_f1_threshold(stage, voc)
         for metric in metrics.values():
             metric.reset()
+
+    def _log_f1_threshold(self, stage: str, voc: Metric) -> None:
+        """Log ``<stage>/F1`` and ``<stage>/f1_threshold``: the micro-F1-optimal score threshold.
+
+        The detections of all classes matched at the VOC metric's IoU (0.5) under one common
+        threshold (:func:`src.metrics.curves.f1_optimal_threshold`). On validation the result is
+        kept in :attr:`score_threshold`, so the checkpoint written after this validation stores
+        the threshold of this validation. Nothing is logged when no detection or ground truth
+        gives a threshold (no NaN in the logs).
+        """
+        best = f1_optimal_threshold(voc)
+        keep = stage == "val" and not self.trainer.sanity_checking
+        if best.threshold != best.threshold:  # nan: no detection or no ground truth
+            if keep:
+                self.score_threshold = None
+            return
+        self.log(f"{stage}/F1", float(best.f1))
+        self.log(f"{stage}/f1_threshold", float(best.threshold))
+        if keep:
+            self.score_threshold = {
+                "value": float(best.threshold),
+                "f1": float(best.f1),
+                "precision": float(best.precision),
+                "recall": float(best.recall),
+                "iou_threshold": float(getattr(voc, "iou_threshold", 0.5)),
+                "epoch": int(self.current_epoch),
+                "global_step": int(self.global_step),
+            }
 
     def on_validation_epoch_end(self) -> None:
         """Log loss, class error, bbox MAE, COCO mAP and mAP@0.5 (and the VOC AP)."""
@@ -347,9 +382,11 @@ class SSDLitModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the run's config; keep the checkpoint plain and its weights finite.
 
-        The run config lets ``src.eval`` and ``src.predict`` rebuild the net. Every value is
-        made a tensor or a plain Python value, so ``torch.load(weights_only=True)`` reads the
-        file.
+        The run config lets ``src.eval`` and ``src.predict`` rebuild the net, and
+        ``score_threshold`` (:attr:`score_threshold`: the F1-optimal score threshold of the
+        validation just run, so ``best.ckpt`` holds the one of its best epoch) is the default
+        threshold of ``src.predict``. Every value is made a tensor or a plain Python value, so
+        ``torch.load(weights_only=True)`` reads the file.
 
         Raises:
             DivergedError: a weight is not finite (the file is then not written).
@@ -357,10 +394,13 @@ class SSDLitModule(LightningModule):
         check_finite_state(checkpoint["state_dict"], checkpoint.get("global_step"), saving=True)
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        if self.score_threshold is not None:  # the F1-optimal threshold of the last validation
+            checkpoint["score_threshold"] = dict(self.score_threshold)
         clean = plain_checkpoint(checkpoint)
         checkpoint.clear()
         checkpoint.update(clean)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the run's config."""
+        """Restore the run's config and the F1-optimal score threshold of its validation."""
         self.run_config = checkpoint.get("run_config", self.run_config)
+        self.score_threshold = checkpoint.get("score_threshold", self.score_threshold)

@@ -27,7 +27,7 @@ __all__ = [
     "KNOB_PREFIXES",
 ]
 
-#: metrics reported under ``final/`` at the end of fit, shown as columns of the HParams tab.
+#: metrics shown as columns of the HParams tab (the last logged value of each).
 FINAL_METRICS = (
     "val/mAP_50",
     "val/mAP",

@@ -84,8 +84,12 @@ class AnchorAnalysis:
         negative_anchors: ``Tensor[N, 4]`` their anchors.
         negative_cls_loss: ``Tensor[N]`` float, their classification loss.
         num_negatives: number of negative anchors in the image.
-        mining_note: how the negatives were chosen (for titles).
-        box_loss_name: the box loss's ``repr`` (for titles).
+        mining_note: how the negatives were chosen, with the miner's ``repr`` (for records).
+        box_loss_name: the box loss's ``repr`` (for records).
+        mining_label: how the negatives were chosen, in a few words (for titles):
+            ``kept by 3:1 mining``, or ``3:1 mining would keep`` for a loss without mining.
+        mined: whether the loss mines its negatives (False: ``mining=none``, every negative
+            counts and the figure shows those a miner would keep).
     """
 
     image: Tensor
@@ -107,6 +111,8 @@ class AnchorAnalysis:
     num_negatives: int
     mining_note: str
     box_loss_name: str
+    mining_label: str = ""
+    mined: bool = True
 
     @property
     def num_panels(self) -> int:
@@ -188,10 +194,12 @@ def analyze_anchors(
     if configured is not None:
         kept = losses.cls_mask[0] & ~pos
         note = f"kept by hard negative mining, {configured!r}"
+        label = f"kept by {_miner_label(configured)}"
     else:
         fallback = miner if miner is not None else HardNegativeMiner(3.0)
         kept = fallback(losses.per_anchor_cls, encoded.pos_mask)[0] & ~pos
         note = f"mining=none (every negative counts); shown: those {fallback!r} would keep"
+        label = f"{_miner_label(fallback)} would keep"
     neg_idx = kept.nonzero().squeeze(1)
     neg_loss = losses.per_anchor_cls[0, neg_idx]
     neg_order = torch.sort(neg_loss, descending=True, stable=True).indices
@@ -220,7 +228,17 @@ def analyze_anchors(
         num_negatives=int((~pos).sum()),
         mining_note=note,
         box_loss_name=repr(getattr(loss_fn, "box_loss", "box loss")),
+        mining_label=label,
+        mined=configured is not None,
     )
+
+
+def _miner_label(miner: Any) -> str:
+    """A miner in a few words: ``3:1 mining`` (its class name otherwise)."""
+    ratio = getattr(miner, "neg_pos_ratio", None)
+    if isinstance(ratio, int | float):
+        return f"{ratio:g}:1 mining"
+    return type(miner).__name__
 
 
 def analyze_module(
@@ -275,11 +293,6 @@ def _boxes(ax: Any, boxes: Tensor, size: tuple[int, int], **style: Any) -> None:
     ax.add_collection(PolyCollection(verts.numpy(), closed=True, facecolors="none", **style))
 
 
-def _grid(n: int, ncols: int) -> tuple[int, int]:
-    ncols = max(1, min(ncols, n))
-    return (n + ncols - 1) // ncols, ncols
-
-
 def crop_windows(boxes: Tensor, margin: float = 0.15, min_size: float = 0.3) -> Tensor:
     """Square windows around groups of boxes, for zoomed panels.
 
@@ -302,14 +315,20 @@ def crop_windows(boxes: Tensor, margin: float = 0.15, min_size: float = 0.3) -> 
     return torch.cat((start, start + side), dim=-1)
 
 
-def _legend(fig: Figure, show_anchor: bool, ncols: int) -> None:
+def _legend(fig: Figure, entries: list[tuple[str, str, str]]) -> None:
+    """One row of ``(label, colour, line style)`` entries under the figure."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=GT_COLOR, lw=2, label="ground truth")]
-    if show_anchor:
-        handles.append(Line2D([], [], color=ANCHOR_COLOR, lw=1.5, ls="--", label="anchor"))
-    handles.append(Line2D([], [], color=PRED_COLOR, lw=1.5, label="predicted"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, max(ncols, 2)), fontsize=8)
+    handles = [Line2D([], [], color=c, lw=2, ls=ls, label=label) for label, c, ls in entries]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=len(handles),
+        fontsize=8,
+        handlelength=1.5,
+        columnspacing=1.0,
+        frameon=False,
+    )
 
 
 def anchor_panels_figure(
@@ -322,15 +341,17 @@ def anchor_panels_figure(
 ) -> Figure:
     """One panel per positive anchor: ground truth, anchor, predicted box, ``J`` and ``L``.
 
-    The default layout (2 columns of 1.7-inch panels, 9 pt titles) is 3.4 inches wide: legible
-    at half a page width. Each panel is zoomed onto its boxes (``crop``).
+    The default layout (2 columns of 1.7-inch panels, 9 pt titles) is 3.4 inches wide, also for
+    a single panel: legible at half a page width and in a TensorBoard image card. The title holds
+    two short lines, each panel one (``J``, ``L``, ``p``), the box colours are in a legend under
+    the panels. Each panel is zoomed onto its boxes (``crop``).
 
     Args:
         analysis: from :func:`analyze_anchors`.
         show_anchor: draw the anchor itself (dashed).
         ncols: panels per row.
         panel_size: inches per panel.
-        title: first line of the figure title.
+        title: start of the title's first line (e.g. ``Image 0, epoch 2``).
         crop: zoom each panel onto its ground truth, anchor and predicted box (with a margin);
             false shows the whole image.
 
@@ -340,10 +361,12 @@ def anchor_panels_figure(
     from src.viz.style import PAPER_RC
 
     n = analysis.num_panels
-    nrows, ncols = _grid(max(n, 1), ncols)
-    width = panel_size * ncols
+    width = panel_size * max(ncols, 1)  # the same width for any number of panels
+    ncols = max(1, min(ncols, n))  # a single panel fills the width
+    nrows = (max(n, 1) + ncols - 1) // ncols
+    side = width / ncols
     with matplotlib.rc_context(PAPER_RC | {"axes.grid": False}):
-        fig = Figure(figsize=(width, (panel_size + 0.35) * nrows + 1.2), layout="constrained")
+        fig = Figure(figsize=(width, (side + 0.3) * nrows + 0.9), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat[max(n, 1) :]:
@@ -375,25 +398,31 @@ def anchor_panels_figure(
                 ax.set_xlim(x0, x1)
                 ax.set_ylim(y1, y0)
             ax.set_title(
-                f"#{int(analysis.anchor_index[k])} J={float(analysis.iou[k]):.2f}\n"
-                f"L={float(analysis.box_loss[k]):.3f} p={float(analysis.score[k]):.2f}",
-                fontsize=9,
+                f"J={float(analysis.iou[k]):.2f} L={float(analysis.box_loss[k]):.3g} "
+                f"p={float(analysis.score[k]):.2f}",
+                fontsize=8,
             )
         shown = (
             f"{n} of {analysis.num_positives} positive anchors"
             if n < analysis.num_positives
             else f"{n} positive anchors"
         )
-        lines = [
-            title or "Positive anchors, by decreasing box loss",
-            f"{shown} (zoomed)" if crop and n else shown,
-            "J: IoU(predicted, ground truth); L: box loss; p: class probability",
-        ]
-        chars = max(int(width * 72 / 9 * 1.7), 30)  # characters of 9 pt text per line
-        wrapped = [part for line in lines for part in textwrap.wrap(line, chars)]
-        fig.suptitle("\n".join(wrapped), fontsize=9)
-        _legend(fig, show_anchor, ncols)
+        first = f"{title}: {shown}" if title else f"{shown}, by box loss"
+        fig.suptitle(
+            _two_lines(first, "J: IoU(pred., truth), L: box loss, p: class prob.", width),
+            fontsize=9,
+        )
+        entries = [("ground truth", GT_COLOR, "-")]
+        if show_anchor:
+            entries.append(("anchor", ANCHOR_COLOR, "--"))
+        _legend(fig, [*entries, ("predicted", PRED_COLOR, "-")])
     return fig
+
+
+def _two_lines(first: str, second: str, width_in: float) -> str:
+    """Two title lines, each cut to what 9 pt text fits in ``width_in`` inches."""
+    chars = max(int(width_in * 72 / (9 * 0.52)), 20)
+    return "\n".join(textwrap.shorten(line, chars, placeholder="...") for line in (first, second))
 
 
 def negatives_figure(
@@ -401,10 +430,13 @@ def negatives_figure(
 ) -> Figure:
     """The negatives hard negative mining keeps (colour: classification loss), and the positives.
 
+    Two short title lines (``title``; how many negatives are kept and by what), a colour bar
+    for the classification loss and a legend for the other boxes.
+
     Args:
         analysis: from :func:`analyze_anchors`.
         size: figure width in inches (3.4: half a page).
-        title: first line of the title.
+        title: the first title line (default ``Hard negatives``).
 
     Returns:
         A matplotlib ``Figure`` (Agg canvas attached).
@@ -415,7 +447,7 @@ def negatives_figure(
     from src.viz.style import PAPER_RC
 
     with matplotlib.rc_context(PAPER_RC | {"axes.grid": False}):
-        fig = Figure(figsize=(size, size + 1.3), layout="constrained")
+        fig = Figure(figsize=(size, size + 0.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         shape = _show(ax, analysis.image)
@@ -434,18 +466,19 @@ def negatives_figure(
             from matplotlib.cm import ScalarMappable
 
             fig.colorbar(
-                ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label="classification loss"
+                ScalarMappable(norm=norm, cmap=cmap),
+                ax=ax,
+                shrink=0.8,
+                label="negative's classification loss",
             )
-        chars = max(int(size * 72 / 9 * 1.7), 30)
-        lines = [
-            title or "Hard negatives",
-            *textwrap.wrap(analysis.mining_note, chars),
-            f"{analysis.negative_index.numel()} of {analysis.num_negatives} negatives "
-            "(colour: classification loss)",
-            "green: ground truth, cyan dashed: positive anchors",
-        ]
-        wrapped = [part for line in lines for part in textwrap.wrap(line, chars)]
-        ax.set_title("\n".join(wrapped), fontsize=9)
+        kept = f"{analysis.negative_index.numel()} of {analysis.num_negatives} negatives"
+        first = (title or "Hard negatives") + ("" if analysis.mined else " (mining=none)")
+        second = f"{kept} {analysis.mining_label or 'kept'}"
+        fig.suptitle(_two_lines(first, second, size), fontsize=9)
+        _legend(
+            fig,
+            [("ground truth", GT_COLOR, "-"), ("positive anchor", POS_COLOR, "--")],
+        )
     return fig
 
 

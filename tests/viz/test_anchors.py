@@ -136,5 +136,53 @@ def test_figures_render(image, target) -> None:
     picture = figure_to_tensor(fig)
     assert picture.dim() == 3 and picture.shape[0] == 3 and picture.dtype == torch.uint8
     neg = negatives_figure(a)
-    assert "would keep" in neg.axes[0].get_title()
+    assert "would keep" in neg.get_suptitle()
     assert figure_to_tensor(neg).shape[0] == 3
+
+
+def _texts_inside(fig: Figure) -> list[str]:
+    """The visible texts of a drawn figure that stick out of it (cut off in the picture)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    out = []
+    for t in fig.findobj(Text):
+        if not (t.get_visible() and t.get_text().strip()):
+            continue
+        if t.axes is not None and not t.axes.get_visible():
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            out.append(t.get_text())
+    return out
+
+
+@pytest.mark.parametrize("panels", [1, 4])
+def test_tensorboard_figures_have_short_titles_and_nothing_cut_off(image, target, panels) -> None:
+    loss_fn = MultiBoxLoss(mining=HardNegativeMiner(neg_pos_ratio=3.0))
+    a = analyze_anchors(make_net(), TargetEncoder(), loss_fn, image, target, max_panels=panels)
+    fig = anchor_panels_figure(a, title="Image 1, epoch 2")
+    neg = negatives_figure(a, title="Image 1, epoch 2: hard negatives")
+    for figure in (fig, neg):
+        # half a page wide whatever the number of panels (one panel used to give 1.7 inches
+        # and a title cut to "alidation image 1, epoch 2")
+        assert figure.get_figwidth() == pytest.approx(3.4)
+        title = figure.get_suptitle().splitlines()
+        assert len(title) == 2 and all(len(line) <= 52 for line in title), title
+        assert title[0].startswith("Image 1, epoch 2")
+        assert "(" not in figure.get_suptitle() or "=" not in figure.get_suptitle()  # no repr
+        assert _texts_inside(figure) == []
+        legend = [t.get_text() for t in figure.legends[0].get_texts()]
+        assert "ground truth" in legend
+    assert (
+        fig.get_suptitle()
+        .splitlines()[0]
+        .endswith(f"{panels} of {a.num_positives} positive anchors")
+    )
+    assert neg.get_suptitle().splitlines()[1] == (
+        f"{a.negative_index.numel()} of {a.num_negatives} negatives kept by 3:1 mining"
+    )
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert len(titles) == panels and all(t.count("\n") == 0 and "J=" in t for t in titles)

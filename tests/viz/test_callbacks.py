@@ -53,8 +53,8 @@ def test_logs_fixed_images_to_tensorboard(tmp_path: Path) -> None:
     callback.on_validation_epoch_end(_trainer([logger, CSVLogger(tmp_path)]), module)
     logger.experiment.flush()
     tags = _image_tags(tmp_path)
-    assert {"val/anchors/0", "val/anchors/1", "val/negatives/0", "val/negatives/1"} <= tags
-    assert "val/anchors/2" not in tags
+    assert {f"val_images/{k}/{i}" for k in ("anchors", "negatives") for i in (0, 1)} <= tags
+    assert "val_images/anchors/2" not in tags
     first = callback._examples
     callback.on_validation_epoch_end(_trainer([logger], current_epoch=1), module)
     assert callback._examples is first  # the same images every epoch

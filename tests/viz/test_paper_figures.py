@@ -129,8 +129,15 @@ def test_pr_curves_callback_logs_to_tensorboard(tmp_path: Path) -> None:
     logger.experiment.flush()
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
-    assert acc.Tags()["images"] == ["val/pr_curves"]
-    assert acc.Images("val/pr_curves")[0].step == 3
+    assert acc.Tags()["images"] == ["val_images/pr_curves"]
+    assert acc.Images("val_images/pr_curves")[0].step == 3
+    # the PR Curves tab: one curve per class, rows TP, FP, TN, FN, precision, recall
+    assert acc.Tags()["tensors"] == ["val/banana"]
+    curve = acc.Tensors("val/banana")[0]
+    assert curve.step == 3
+    values = torch.tensor(curve.tensor_proto.float_val).view(6, 101)
+    assert values[0, 0] == 1 and values[5, 0] == 1  # one TP at threshold 0: recall 1
+    assert values[0, -1] == 0 and values[3, -1] == 1  # score 0.9 < threshold 1: missed
     trainer.sanity_checking = True
     with pytest.raises(ValueError, match="max_classes"):
         PRCurvesCallback(max_classes=0)
