@@ -226,6 +226,12 @@ class CocoDataset(DetectionDataset):
         categories_from: str | os.PathLike[str] | None = None,
         split: str | None = None,
     ) -> None:
+        if json_path is None or images_dir is None:
+            raise ValueError(
+                "a COCO split needs a JSON and an image folder, got null (data.test_json=null "
+                "no longer means the val split: leave data.test_json and data.test_images unset, "
+                "they default to the val ones)"
+            )
         self.json_path = Path(json_path).expanduser()
         self.images_dir = Path(images_dir).expanduser()
         self.transform = transform

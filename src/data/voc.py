@@ -603,7 +603,9 @@ class VOCDataset(DetectionDataset):
                 raise ValueError(
                     f"{key}=null (every annotation) needs a plain VOC folder with "
                     f"{self.annotations_dir}/ directly under data.root; {self.root} has none: "
-                    "give [year, set] pairs such as [[2012, trainval]]"
+                    "give [year, set] pairs such as [[2012, trainval]] (data.test_sets=null no "
+                    "longer means the val sets: leave data.test_sets unset, it defaults to "
+                    "data.val_sets)"
                 )
             return []
         entries = _normalise_image_sets(image_sets, key)

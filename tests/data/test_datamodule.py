@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def test_loader_keys_live_once_in_the_shared_yaml() -> None:
         return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml"))
 
     loader = raw("_loader")
-    assert set(loader) == set(LOADER_KEYS)
+    parameters = inspect.signature(DetectionDataModule.__init__).parameters
+    assert set(LOADER_KEYS) <= set(loader) and set(loader) <= set(parameters)
     for name in ("banana", "voc", "coco", "yolo"):
         config = raw(name)
         assert config["defaults"] == ["_loader", "_self_"], name
@@ -277,3 +279,17 @@ def test_a_new_format_is_one_dataset_class_and_one_yaml(tmp_path: Path) -> None:
     images, targets = next(iter(dm.val_dataloader()))
     assert images.shape == (1, 3, 32, 32) and targets[0]["labels"].tolist() == [0]
     torch.testing.assert_close(targets[0]["boxes"], torch.tensor([[0.25, 0.2, 0.75, 0.8]]))
+
+
+def test_old_null_test_keys_say_what_to_type(mini_root: Path, tmp_path: Path) -> None:
+    """data.test_sets / data.test_json were null for 'the val split'; now they default to it."""
+    cfg = compose_config(
+        "train", ["data=voc_mini", f"data.root={mini_root}", "data.test_sets=null"]
+    )
+    dm = instantiate(cfg.data, pin_memory=False)
+    with pytest.raises(ValueError, match=r"leave data\.test_sets unset, it defaults to data\.val"):
+        dm.setup("test")
+    from src.data.coco import CocoDataset
+
+    with pytest.raises(ValueError, match=r"leave data\.test_json and data\.test_images unset"):
+        CocoDataset(None, None)
