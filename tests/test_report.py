@@ -100,19 +100,19 @@ def test_swept_keys_include_keys_set_in_some_runs_only() -> None:
 
 def test_single_run_dir(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", ["loss=l1"], full_metrics(0))
-    report = make_report(run)
+    report = make_report(run, figures=False)
     assert len(report.runs) == 1 and report.swept_keys == []
     assert (run / "report.md").is_file()
 
 
-def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_clear_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_report(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no runs found under .*empty"):
         make_report(tmp_path / "empty")
     assert main([str(tmp_path / "empty")]) == 2
-    assert "no runs found" in capsys.readouterr().err
+    assert [r.levelname for r in caplog.records if "no runs found" in r.getMessage()] == ["ERROR"]
 
 
 def test_cli_prints_the_files(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,7 +133,7 @@ def test_diverged_and_interrupted_runs_are_marked(sweep: Path) -> None:
     (sweep / "2" / "status.json").write_text(
         json.dumps({"status": "interrupted", "signal": "SIGTERM"})
     )
-    rows = {r["run"]: r["status"] for r in make_report(sweep).rows()}
+    rows = {r["run"]: r["status"] for r in make_report(sweep, figures=False).rows()}
     assert rows == {"0": "ok", "1": "diverged at step 7", "2": "interrupted (SIGTERM)"}
     assert "diverged at step 7" in (sweep / "report.md").read_text()
 
@@ -177,7 +177,7 @@ def test_seeds_are_aggregated_into_mean_and_sample_std(tmp_path: Path) -> None:
 
 
 def test_best_run_is_marked_once(sweep: Path) -> None:
-    make_report(sweep)
+    make_report(sweep, figures=False)
     rows = [line for line in (sweep / "report.md").read_text().splitlines() if "best |" in line]
     assert rows == [rows[0]] and rows[0].startswith("| **2** best | 10 |")  # largest val/mAP_50
 
@@ -231,3 +231,239 @@ def test_optuna_study_gives_log_axis_and_optuna_plots(tmp_path: Path) -> None:
     for name in ("optuna_history", "optuna_importance"):
         assert report.files[name].read_bytes()[:4] == b"\x89PNG"
         assert report.files[f"{name}_pdf"].is_file()
+
+
+# ------------------------------------------------- quiet logs, ties, bars, overlaps, failures
+def test_report_run_logs_no_library_lines(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The PDFs make fontTools subset fonts: at INFO it logged ~12 lines per font (436 of 444
+    console lines of a report). The report holds such library loggers at WARNING."""
+    import logging
+
+    from src.utils.console import QUIET_LOGGERS
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as in a fresh process
+    caplog.set_level(logging.INFO)
+    assert main([str(sweep), "--metrics", "val/mAP_50"]) == 0
+    assert (sweep / "report.pdf").read_bytes()[:4] == b"%PDF"  # fonts were subset
+    names = {r.name for r in caplog.records}
+    assert not [n for n in names if n.split(".")[0] in QUIET_LOGGERS], names
+    assert len(caplog.records) <= 5, [r.getMessage() for r in caplog.records]
+
+
+def test_hydra_entry_points_keep_library_loggers_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """conf/hydra/default.yaml (every entry point, src.visualize included) sets the same levels;
+    with them, saving a PDF logs nothing."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from matplotlib.figure import Figure
+
+    from src.utils.console import QUIET_LOGGERS
+    from src.viz.style import save_figure
+    from tests.conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="visualize", return_hydra_config=True)
+    loggers = cfg.hydra.job_logging.loggers
+    assert {name: loggers[name].level for name in QUIET_LOGGERS} == dict.fromkeys(
+        QUIET_LOGGERS, "WARNING"
+    )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(loggers[name].level)
+    caplog.set_level(logging.INFO)
+    fig = Figure()
+    fig.subplots().set_title("subset me")
+    save_figure(fig, tmp_path / "quiet_check.png")
+    assert not [r for r in caplog.records if r.name.startswith("fontTools")]
+
+
+def md_rows(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+
+
+def test_ties_are_never_broken_silently(tmp_path: Path) -> None:
+    zeros = tmp_path / "zeros"
+    for job in range(3):
+        make_run(zeros / str(job), [f"loss.sigma={job + 1}"], {"val/mAP_50": [(1, 0.0)]})
+    report = make_report(zeros, metrics=["val/mAP_50"], figures=False)
+    best = report.best_rows(report.rows())
+    assert best.indices == () and best.all_equal and best.value == 0.0
+    md = (zeros / "report.md").read_text()
+    assert "All 3 runs have the same `val/mAP_50` (0): none is marked best." in md
+    assert "best" not in "".join(md_rows(zeros / "report.md"))
+    two = tmp_path / "two"
+    for job, value in enumerate([0.5, 0.7, 0.7]):
+        make_run(two / str(job), [f"loss.sigma={job + 1}"], {"val/mAP_50": [(1, value)]})
+    report = make_report(two, metrics=["val/mAP_50"], figures=False)
+    best = report.best_rows(report.rows())
+    assert best.indices == (1, 2) and best.tie
+    rows = md_rows(two / "report.md")[1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["0", "**1** tied best", "**2** tied best"]
+    assert "2 runs tie for the largest `val/mAP_50` (0.7)" in (two / "report.md").read_text()
+
+
+def test_error_bars_of_nonnegative_metrics_stop_at_zero(tmp_path: Path) -> None:
+    """mAP 0.0, 0.01, 0.2 over three seeds: mean 0.07, std 0.11; the bar would reach -0.04."""
+    from matplotlib.collections import LineCollection
+
+    from src.report import metric_figure
+
+    root = tmp_path / "sweep"
+    job = 0
+    for sigma, values in (("0.5", [0.0, 0.01, 0.2]), ("10", [0.3, 0.31, 0.32])):
+        for seed, value in zip((1, 2, 3), values, strict=True):
+            make_run(root / str(job), [f"seed={seed}", f"loss.sigma={sigma}"], {
+                "val/mAP_50": [(1, value)]
+            })  # fmt: skip
+            job += 1
+    report = collect(root, metrics=["val/mAP_50"])
+    fig = metric_figure(report, "val/mAP_50", "loss.sigma")
+    ax = fig.axes[0]
+    (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    lows = sorted(min(seg[:, 1]) for seg in bars.get_segments())
+    assert lows[0] == 0.0  # clipped, not 0.07 - 0.1054
+    assert lows[1] == pytest.approx(0.31 - 0.01, abs=1e-6)  # not clipped
+    assert ax.get_ylim()[0] == 0.0
+    caption = fig.get_supxlabel()
+    assert "±1 sample std over 3 seeds" in caption and "cut at 0" in caption
+
+
+def optuna_sweep(root: Path, values: list[float], seed: int = 0) -> Path:
+    """A 4-parameter Optuna search written by hand: a run dir and a COMPLETE trial per value,
+    learning rates like 0.000123 (six digits after the point)."""
+    import random
+
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = random.Random(seed)
+    dist = {
+        "loss.sigma": optuna.distributions.FloatDistribution(0.5, 10.0, log=True),
+        "loss.gamma": optuna.distributions.FloatDistribution(0.0, 5.0),
+        "loss.alpha": optuna.distributions.FloatDistribution(0.1, 1.0),
+        "model.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True),
+    }
+    root.mkdir(parents=True)
+    study = optuna.create_study(
+        study_name="s", storage=f"sqlite:///{root / 'optuna.db'}", direction="maximize"
+    )
+    for number, value in enumerate(values):
+        params = {
+            "loss.sigma": round(0.5 * 20 ** rng.random(), 6),
+            "loss.gamma": round(5 * rng.random(), 6),
+            "loss.alpha": round(0.1 + 0.9 * rng.random(), 6),
+            "model.optimizer.lr": round(1e-4 * 10 ** (0.7 * rng.random()), 6),
+        }
+        scalars = {"val/mAP_50": [(1, value)], "val/loss": [(1, 1 + rng.random())]}
+        overrides = [f"{k}={v}" for k, v in params.items()] + [f"++optuna_trial.number={number}"]
+        make_run(root / str(number), overrides, scalars)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
+    return root
+
+
+def assert_no_overlaps(fig) -> int:  # noqa: ANN001
+    """No two tick labels or value labels of one axes touch; returns how many were checked."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    checked = 0
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        texts = list(ax.texts)
+        for axis in (ax.xaxis, ax.yaxis):
+            texts += [*axis.get_majorticklabels(), *axis.get_minorticklabels()]
+        texts = [t for t in texts if t.get_visible() and t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for i, a in enumerate(boxes):
+            for j in range(i + 1, len(boxes)):
+                b = boxes[j]
+                touch = a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+                assert not touch, f"{texts[i].get_text()!r} overlaps {texts[j].get_text()!r}"
+        checked += len(boxes)
+    return checked
+
+
+def test_four_parameter_search_figures_have_no_overlapping_labels(tmp_path: Path) -> None:
+    from src.report import metric_figure, overview_figure, study_figures
+
+    values = [0.42, 0.45, 0.43, 0.47, 0.44, 0.46, 0.41, 0.48]
+    report = collect(optuna_sweep(tmp_path / "search", values), metrics=["val/mAP_50"])
+    assert report.swept_keys == ["loss.sigma", "loss.gamma", "loss.alpha", "model.optimizer.lr"]
+    fig = overview_figure(report)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 4
+    assert assert_no_overlaps(fig) > 4 * 3
+    lr = metric_figure(report, "val/mAP_50", "model.optimizer.lr")
+    assert assert_no_overlaps(lr) > 0
+    ticks = [t.get_text() for t in lr.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(len(t) <= 7 for t in ticks), ticks  # 1e-4, 2e-4 ..., not 0.000123
+    written = {t.get_text() for t in lr.axes[0].texts}
+    assert written <= {f"{v:.3g}" for v in values} and len(written) >= 4  # 0.42, 0.45, ...
+    figures = study_figures(report)
+    assert set(figures) == {"optuna_history", "optuna_importance"}
+    for figure in figures.values():
+        assert_no_overlaps(figure)
+
+
+def test_importances_only_when_defined(tmp_path: Path) -> None:
+    from src.report import study_figures
+
+    zeros = optuna_sweep(tmp_path / "zeros", [0.0] * 4)
+    report = make_report(zeros, metrics=["val/mAP_50"], figures=False)
+    assert report.study is not None and report.study.importances is None
+    assert list(study_figures(report)) == ["optuna_history"]  # the history is still defined
+    md = (tmp_path / "zeros" / "report.md").read_text()
+    assert "Parameter importances not drawn: all 4 completed trials have the same value (0)" in md
+    assert "Optuna's best trial is merely the first of them" in md
+    one = make_report(optuna_sweep(tmp_path / "one", [0.3]), metrics=["val/mAP_50"], figures=False)
+    assert list(study_figures(one)) == ["optuna_history"]
+    assert (
+        "Parameter importances not drawn: 1 completed trial(s)"
+        in (tmp_path / "one" / "report.md").read_text()
+    )
+
+
+def test_every_run_failed_exits_nonzero_listing_each_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from src.utils.faults import write_status
+
+    root = tmp_path / "sweep"
+    for job in range(3):
+        make_run(root / str(job), [f"loss.sigma={job + 1}"], None)
+    write_status(root / "0", "failed", message="ValueError: loss.sigma must be > 0")
+    write_status(root / "1", "diverged", message="training diverged", step=3)
+    # no status.json (killed, or failed before src.train started): the job log says why
+    (root / "2" / "train.log").write_text(
+        "[12:00:00][INFO] Overrides: loss.sigma=3\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1\nRuntimeError: CUDA out of memory\n'
+    )
+    assert main([str(root), "--metrics", "val/mAP_50", "--no-figures"]) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "every run of" in error
+    assert f"run 0 ({root / '0'}): failed: ValueError: loss.sigma must be > 0" in error
+    assert f"run 1 ({root / '1'}): diverged at step 3" in error
+    assert "run 2" in error and "RuntimeError: CUDA out of memory (from the job log)" in error
+    md = (root / "report.md").read_text()
+    assert "**Every run failed** (3 of 3)" in md and "CUDA out of memory" in md
+    # one run with metrics: a normal report
+    make_run(root / "3", ["loss.sigma=4"], {"val/mAP_50": [(1, 0.5)]})
+    assert main([str(root), "--metrics", "val/mAP_50", "--no-figures"]) == 0
+
+
+def test_metrics_under_a_chart_group_tag_are_found(tmp_path: Path) -> None:
+    """RunTensorBoardLogger writes the headline curves as mAP/val/mAP_50 and loss/val/loss."""
+    from src.report.read import metric_values
+
+    scalars = {"mAP/val/mAP_50": 0.5, "loss/val/loss": 2.0, "val/class_err": 0.1, "lr-SGD": 0.1}
+    assert metric_values(scalars, ["val/mAP_50", "val/loss", "val/class_err", "val/bbox_mae"]) == {
+        "val/mAP_50": 0.5,
+        "val/loss": 2.0,
+        "val/class_err": 0.1,
+    }
+    run = make_run(tmp_path / "run", ["loss=l1"], {"mAP/val/mAP_50": [(0, 0.1), (2, 0.3)]})
+    (result,) = collect(run, metrics=["val/mAP_50"]).runs
+    assert result.metrics == {"val/mAP_50": pytest.approx(0.3)} and result.status == "ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import optuna
@@ -154,3 +155,43 @@ def test_report_marks_pruned_and_failed_trials(tmp_path: Path) -> None:
     ]
     assert trial_status({"state": "RUNNING"}) == "running"
     assert trial_status({"state": "COMPLETE"}) is None
+
+
+def test_a_fast_dev_run_trial_is_failed_not_complete(tmp_path: Path) -> None:
+    """Under debug=fdr a job returns the val/mAP_50 of one batch (0.0): no trial value. The
+    sweeper records FAIL with the reason, and src.report says the same for the run."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from src.report import main
+
+    sweeper = OptunaSweeper(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    sweeper.sweep_dir = tmp_path
+    study = optuna.create_study(study_name="sweep", storage=sweeper.storage_url())
+    space = {"loss.gamma": FloatDistribution(0.0, 5.0)}
+    for number, fast in enumerate((True, False)):
+        study.ask(space)
+        cfg = OmegaConf.create({"trainer": {"fast_dev_run": fast, "max_epochs": 1}})
+        ret = JobReturn(cfg=cfg, status=JobStatus.COMPLETED, _return_value=0.0)
+        sweeper._tell(study, number, ret)
+        run = tmp_path / str(number)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text("task_name: train\n")
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss.gamma={number}"]))
+    smoke, real = study.get_trials()
+    assert (smoke.state.name, smoke.value) == ("FAIL", None)
+    assert "trainer.fast_dev_run=True (debug=fdr)" in smoke.user_attrs["fail_reason"]
+    assert (real.state.name, real.value) == ("COMPLETE", 0.0)
+    sweeper.write_results(study)
+    report = collect(tmp_path)
+    assert report.runs[0].status.startswith("failed: trainer.fast_dev_run=True (debug=fdr)")
+    assert report.runs[1].status == "no events"
+    # every trial under fdr: the report exits 1 and names each failure
+    study.ask(space)
+    cfg = OmegaConf.create({"trainer": {"fast_dev_run": 1}})
+    sweeper._tell(study, 2, JobReturn(cfg=cfg, status=JobStatus.COMPLETED, _return_value=0.0))
+    sweeper.write_results(study)
+    shutil.rmtree(tmp_path / "1")
+    shutil.copytree(tmp_path / "0", tmp_path / "2")
+    assert main([str(tmp_path), "--no-figures"]) == 1
+    assert collect(tmp_path).all_failed

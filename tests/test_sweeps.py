@@ -44,7 +44,8 @@ def data_overrides(data_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sigma_sweep(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> Path:
-    """``loss=smooth_l1 loss.sigma=0.5,1,10``: three 1-batch runs that write TensorBoard events."""
+    """``loss=smooth_l1 loss.sigma=0.5,1,10 debug=limit``: three short runs (1 epoch of 4 training
+    and 2 validation batches) that write TensorBoard events."""
     sweep_dir = tmp_path_factory.mktemp("multirun")
     run_cli(
         "-m",
@@ -54,10 +55,10 @@ def sigma_sweep(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path)
         f"loss.sigma={','.join(SIGMAS)}",
         f"hydra.sweep.dir={sweep_dir}",
         *data_overrides(banana_data_dir),
-        # fast_dev_run would disable the loggers: a short real run instead
-        "++trainer.max_epochs=1",
-        "++trainer.limit_train_batches=1",
-        "++trainer.limit_val_batches=1",
+        # fast_dev_run would disable the loggers: a short real run instead (debug=limit: whole
+        # batch counts; its old fractions left 0 of the 2 validation batches and crashed)
+        "debug=limit",
+        "trainer.max_epochs=1",
         "callbacks.rich_progress_bar=null",
         "callbacks.model_summary=null",
         "callbacks.anchor_panels.num_images=1",
@@ -76,6 +77,29 @@ def _accumulators(run_dir: Path) -> list:
         acc.Reload()
         accs.append(acc)
     return accs
+
+
+def test_debug_limit_on_the_default_data(tmp_path: Path, banana_data_dir: Path) -> None:
+    """`python -m src.train debug=limit` on the banana data (4 training, 2 validation batches of
+    4 images): whole batch counts, where 0.1 and 0.2 of them rounded down to 0 and crashed."""
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            tmp_path,
+            banana_data_dir,
+            "debug=limit",
+            "trainer.max_epochs=1",
+            "callbacks.rich_progress_bar=null",
+            "callbacks.model_summary=null",
+            "callbacks.anchor_panels=null",
+            "callbacks.detection_grid=null",
+        ),
+    )
+    assert cfg.trainer.limit_train_batches == 4 and cfg.trainer.limit_val_batches == 2
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert trainer.num_training_batches == 4 and trainer.num_val_batches == [2]
+    assert trainer.global_step == 4 and math.isfinite(metrics["val/mAP_50"])
 
 
 def test_multirun_writes_one_dir_per_value(sigma_sweep: Path) -> None:

@@ -11,7 +11,10 @@ and tells the study how the job ended:
 * the job raised ``optuna.TrialPruned`` (the pruning callback,
   :class:`src.callbacks.pruning.OptunaPruningCallback`): PRUNED;
 * the job raised anything else, or returned a non-finite value or no number: FAIL, with the
-  reason in the trial's ``fail_reason`` user attribute; the search goes on.
+  reason in the trial's ``fail_reason`` user attribute; the search goes on;
+* the job ran with ``trainer.fast_dev_run`` (``debug=fdr``): FAIL whatever it returned, with the
+  reason: one training and one validation batch is a smoke test, not a result (its ``val/mAP_50``
+  is typically 0.0 and would rank as a real value). ``debug=limit`` runs a short real search.
 
 The study is persistent: with ``storage: null`` it is the SQLite file
 ``<hydra.sweep.dir>/optuna.db``. Running the same command again with
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OptunaSweeper", "trial_overrides", "quote"]
+__all__ = ["OptunaSweeper", "trial_overrides", "quote", "smoke_test_reason"]
 
 
 def quote(text: str) -> str:
@@ -87,6 +90,27 @@ def trial_overrides(
         f"++{TRIAL_NODE}.number={number}",
         f"hydra.sweep.subdir={number}",
     ]
+
+
+def smoke_test_reason(cfg: Any) -> str | None:
+    """Why a job's result is no trial value (``trainer.fast_dev_run`` set), or ``None``.
+
+    Args:
+        cfg: the job's composed config (``JobReturn.cfg``), or ``None``.
+
+    Returns:
+        One sentence naming the setting and what to do, or ``None`` for a real run.
+    """
+    if cfg is None:
+        return None
+    fast = OmegaConf.select(cfg, "trainer.fast_dev_run", default=False)
+    if not fast:
+        return None
+    return (
+        f"trainer.fast_dev_run={fast} (debug=fdr) runs one training and one validation batch "
+        "without loggers: a smoke test, not a trial value; drop debug=fdr, or use debug=limit "
+        "for a short real search"
+    )
 
 
 class OptunaSweeper(Sweeper):
@@ -194,6 +218,10 @@ class OptunaSweeper(Sweeper):
             while root.__cause__ is not None:  # the user's error under Hydra's wrappers
                 root = root.__cause__
             self._fail(study, number, f"{type(root).__name__}: {root}")
+            return
+        smoke = smoke_test_reason(getattr(ret, "cfg", None))
+        if smoke is not None:
+            self._fail(study, number, smoke)
             return
         try:
             value = float(value)

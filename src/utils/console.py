@@ -23,6 +23,8 @@ __all__ = [
     "task_overrides",
     "data_line",
     "SUMMARY_METRICS",
+    "QUIET_LOGGERS",
+    "quiet_library_loggers",
 ]
 
 #: final metrics listed by the end-of-run summary (those that were logged).
@@ -35,6 +37,18 @@ SUMMARY_METRICS = (
     "test/mAP_50",
     "test/mAP",
 )
+
+
+#: library loggers held at WARNING: at INFO/DEBUG they describe their own work, not the run's
+#: (fontTools logs a dozen lines for every font it subsets into a PDF). The Hydra entry points
+#: set the same levels in conf/hydra/default.yaml (job_logging.loggers).
+QUIET_LOGGERS = ("fontTools", "matplotlib", "PIL", "tensorboard")
+
+
+def quiet_library_loggers(level: int = logging.WARNING) -> None:
+    """Set the :data:`QUIET_LOGGERS` to ``level`` (for entry points that are not Hydra apps)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 class DropMessages(logging.Filter):
