@@ -1,6 +1,8 @@
 """SSD prediction heads, chosen by the ``head`` config group (``conf/head/*.yaml``).
 
 * :class:`SSDHead` (``head=ssd``): one 3x3 class and one 3x3 box predictor per feature level.
+* :class:`SSDLiteHead` (``head=ssdlite``): torchvision's SSDLite head, a depthwise-separable
+  predictor (3x3 depthwise + BatchNorm + ReLU6, then 1x1) per level.
 
 Every head is built as ``Head(in_channels, num_anchors_per_location, num_classes, init)`` and
 returns ``(cls_logits[B, A, C + 1], box_deltas[B, A, 4])`` in the anchors' order
@@ -9,12 +11,14 @@ returns ``(cls_logits[B, A, C + 1], box_deltas[B, A, 4])`` in the anchors' order
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import ssdlite
 
-__all__ = ["SSDHead", "flatten_predictions", "init_convs"]
+__all__ = ["SSDHead", "SSDLiteHead", "flatten_predictions", "init_convs"]
 
 _INITS = ("default", "xavier", "normal")
 
@@ -164,3 +168,97 @@ class SSDHead(nn.Module):
         cls = [p(f) for p, f in zip(self.cls_predictors, features, strict=True)]
         box = [p(f) for p, f in zip(self.box_predictors, features, strict=True)]
         return flatten_predictions(cls, self.num_classes + 1), flatten_predictions(box, 4)
+
+
+class SSDLiteHead(ssdlite.SSDLiteHead):
+    """torchvision's SSDLite head: per level a depthwise-separable class and box predictor.
+
+    Level ``l`` has ``classification_head.module_list[l]``: 3x3 depthwise conv, BatchNorm,
+    ReLU6, then ``Conv2d(in_channels[l], k_l * (C + 1), 1)``, and
+    ``regression_head.module_list[l]`` the same with ``k_l * 4`` outputs: torchvision's modules
+    and names (``torchvision.models.detection.ssdlite.SSDLiteHead``), built with ``C + 1``
+    classes. The channel layout is :class:`SSDHead`'s, so the outputs come in the anchors' order.
+
+    Args:
+        in_channels: channels of each feature map (the backbone's ``out_channels``).
+        num_anchors_per_location: ``k_l`` per level (the anchor generator's).
+        num_classes: number of object classes ``C`` (background excluded).
+        init: ``"normal"`` (torchvision's ``N(0, 0.03)``, zero biases), ``"xavier"`` or
+            ``"default"`` (see :func:`init_convs`); BatchNorm layers keep ones and zeros.
+        norm_layer: the BatchNorm; default torchvision SSDLite's (``eps=0.001,
+            momentum=0.03``).
+
+    Attributes:
+        name: ``"ssdlite"``, its ``head`` option (``conf/head/ssdlite.yaml``).
+
+    Raises:
+        ValueError: on inconsistent arguments.
+    """
+
+    name: str = "ssdlite"
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_anchors_per_location: Sequence[int],
+        num_classes: int,
+        init: str = "normal",
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        if len(in_channels) != len(num_anchors_per_location):
+            raise ValueError(
+                f"SSDLiteHead: {len(in_channels)} feature levels (in_channels="
+                f"{list(in_channels)}) but {len(num_anchors_per_location)} anchors-per-location "
+                f"entries ({list(num_anchors_per_location)}); give one per level"
+            )
+        if int(num_classes) < 1:
+            raise ValueError(f"SSDLiteHead: num_classes must be >= 1, got {num_classes}")
+        if init not in _INITS:
+            raise ValueError(f"SSDLiteHead: init must be one of {_INITS}, got {init!r}")
+        if norm_layer is None:
+            norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+        channels = [int(c) for c in in_channels]
+        per_location = [int(k) for k in num_anchors_per_location]
+        super().__init__(channels, per_location, int(num_classes) + 1, norm_layer)
+        self.num_classes = int(num_classes)
+        self.in_channels = channels
+        self.num_anchors_per_location = per_location
+        if init != "normal":  # torchvision's constructors already drew N(0, 0.03)
+            init_convs(self, init)
+
+    @torch.no_grad()
+    def init_background_bias(self, value: float | None) -> None:
+        """Set the background-logit bias of every level to ``value``, the other class biases to 0.
+
+        See :meth:`SSDHead.init_background_bias`; here the bias is that of each level's last
+        (1x1) class convolution. ``None`` leaves the head unchanged.
+        """
+        if value is None:
+            return
+        for block, k in zip(
+            self.classification_head.module_list, self.num_anchors_per_location, strict=True
+        ):
+            conv = block[-1]
+            bias = torch.zeros(k, self.num_classes + 1, dtype=conv.bias.dtype)
+            bias[:, 0] = float(value)
+            conv.bias.copy_(bias.reshape(-1))
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Predict class logits and box offsets for every anchor.
+
+        Args:
+            features: per-level ``Tensor[B, in_channels[l], H_l, W_l]``.
+
+        Returns:
+            ``(cls_logits[B, A, C + 1], box_deltas[B, A, 4])`` in the anchors' order.
+
+        Raises:
+            ValueError: if the number of feature maps differs from the number of levels.
+        """
+        if len(features) != len(self.num_anchors_per_location):
+            raise ValueError(
+                f"SSDLiteHead got {len(features)} feature maps but was built for "
+                f"{len(self.num_anchors_per_location)} levels"
+            )
+        features = list(features)
+        return self.classification_head(features), self.regression_head(features)

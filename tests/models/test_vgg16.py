@@ -192,19 +192,6 @@ def _fake_torchvision_vgg16() -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty $TORCH_HOME; downloading is an error."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case someone called torch.hub.set_dir
-
-    def no_download(url: str, dst: str, *args, **kwargs) -> None:
-        raise URLError(f"network disabled in tests ({url})")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    return tmp_path
-
-
 def test_imagenet_weights_loaded_and_fc_subsampled(torch_home: Path) -> None:
     sd = _fake_torchvision_vgg16()
     path = torch_home / "hub" / "checkpoints" / VGG_FILE
