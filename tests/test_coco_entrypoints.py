@@ -97,7 +97,12 @@ def test_eval_of_a_coco_checkpoint(coco_dir: Path, tmp_path: Path) -> None:
     assert ckpt.is_file()
     eval_cfg = compose_config(
         "eval",
-        [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'eval'}", "trainer.accelerator=cpu"],
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={tmp_path / 'eval'}",
+            "trainer.accelerator=cpu",
+            "report=false",
+        ],
     )
     metrics, objects = evaluate(eval_cfg)
     assert objects["datamodule"].classes == ["square", "bar"]

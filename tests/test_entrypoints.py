@@ -80,7 +80,14 @@ def test_train_writes_checkpoints_and_tensorboard(trained_run: Path) -> None:
 def test_eval_on_checkpoint(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     cfg = compose_config(
-        "eval", [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu"]
+        "eval",
+        # report.md: tests/test_eval_report.py
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={tmp_path}",
+            "trainer.accelerator=cpu",
+            "report=false",
+        ],
     )
     metrics, _ = evaluate(cfg)
     for key in ("val/loss", "val/class_err", "val/bbox_mae", "val/mAP_50", "val/mAP"):
@@ -255,6 +262,7 @@ def test_eval_prints_per_class_voc_table(tmp_path: Path, caplog: pytest.LogCaptu
             f"paths.output_dir={tmp_path / 'eval'}",
             "trainer.accelerator=cpu",
             "trainer.limit_val_batches=2",
+            "report=false",
         ],
     )
     with caplog.at_level("INFO"):
@@ -341,6 +349,7 @@ def test_ddp_two_cpu_processes_equal_one_process(
             f"paths.data_dir={data_dir}",
             "trainer.precision=32-true",
             "~logger",
+            "report=false",
         ],
     )
     single, objects = evaluate(cfg)

@@ -35,6 +35,11 @@ class CocoResultsCallback(Callback):
         self.path = Path(path)
         self.category_ids = category_ids
         self.results: list[dict[str, Any]] = []
+        #: per image, in pixels of the original image: the detections (``boxes`` xyxy,
+        #: ``scores``, ``labels``) and targets (``boxes``, ``labels``, ``difficult``,
+        #: ``iscrowd``, ``coco_image_id``), on the CPU, for ``src.eval``'s error analysis.
+        self.preds: list[dict[str, Any]] = []
+        self.targets: list[dict[str, Any]] = []
         #: the file written by the last evaluation (``None`` before).
         self.written: Path | None = None
 
@@ -51,13 +56,18 @@ class CocoResultsCallback(Callback):
         if not isinstance(outputs, list):
             return
         ids = [int(t.get("coco_image_id", t.get("image_id", 0))) for t in targets]
-        self.results += coco_results(
-            to_pixels(outputs, targets), ids, self._lookup(trainer, pl_module)
-        )
+        preds = [{k: v.detach().cpu() for k, v in p.items()} for p in to_pixels(outputs, targets)]
+        self.results += coco_results(preds, ids, self._lookup(trainer, pl_module))
+        self.preds += preds
+        keys = ("boxes", "labels", "difficult", "iscrowd")
+        self.targets += [
+            {**{k: t[k].detach().cpu() for k in keys if k in t}, "coco_image_id": i}
+            for t, i in zip(to_pixels(targets, targets), ids, strict=True)
+        ]
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start a new list."""
-        self.results = []
+        """Start new lists."""
+        self.results, self.preds, self.targets = [], [], []
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -80,6 +90,10 @@ class CocoResultsCallback(Callback):
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, results)
             results = [r for part in gathered for r in part]
+            for name in ("preds", "targets"):
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, getattr(self, name))
+                setattr(self, name, [r for part in gathered for r in part])
         if trainer.is_global_zero:
             self.written = write_coco_results(self.path, results)
             log.info("Wrote %d detections (COCO results format) to %s", len(results), self.path)
