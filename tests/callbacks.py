@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -18,3 +19,36 @@ class SignalAfterEpoch(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterBatch(Callback):
+    """Send this process a real signal (default SIGTERM) after training batch ``batch`` of epoch
+    ``epoch`` (both 0-based): a stop in the middle of an epoch.
+
+    With ``once_file`` the signal is sent only if that file does not exist yet (it is created
+    first), so the jobs of a sweep and a resumed run do not stop again at the same batch.
+    """
+
+    def __init__(
+        self,
+        epoch: int = 1,
+        batch: int = 1,
+        signum: int = int(signal.SIGTERM),
+        once_file: str | None = None,
+    ) -> None:
+        self.epoch = int(epoch)
+        self.batch = int(batch)
+        self.signum = int(signum)
+        self.once_file = once_file
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch:
+            return
+        if self.once_file is not None:
+            marker = Path(self.once_file)
+            if marker.exists():
+                return
+            marker.write_text(f"signal {self.signum} sent by pid {os.getpid()}\n")
+        os.kill(os.getpid(), self.signum)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,46 +79,24 @@ RESUME = [
     "trainer.deterministic=true",
     "trainer.max_epochs=3",
     "trainer.limit_val_batches=1",
-    "data.augment=ssd",  # random augmentation: the RNG state must be restored too
+    "data.augment=ssd",  # random per-sample augmentation: its seeds must be restored too
     # the default recipe: SGD momentum (optimiser state), warm-up + cosine stepped every batch
-    # (scheduler state), hard negative mining, bf16 where the CPU has it
+    # (scheduler state, and a configure_optimizers that reads estimated_stepping_batches),
+    # hard negative mining, bf16 where the CPU has it
 ]
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path: Path, banana_data_dir: Path):
-    # the uninterrupted run and the one killed after its first epoch run side by side
-    full, killed = run_cli_parallel(
-        ["src.train", *cli_overrides(tmp_path / "full", banana_data_dir, *RESUME)],
-        [
-            "src.train",
-            *cli_overrides(
-                tmp_path / "killed",
-                banana_data_dir,
-                *RESUME,
-                "+callbacks.kill._target_=tests.callbacks.SignalAfterEpoch",
-            ),
-        ],
-    )
-    assert full.returncode == 0, full.stderr[-3000:]
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert killed.returncode == 143, killed.stderr[-3000:]
-    log = killed.stdout + killed.stderr
-    assert "SIGTERM received after 1 completed epochs (global step 4)" in log
-    assert f"ckpt_path={last}" in log
-    status = json.loads((tmp_path / "killed" / "status.json").read_text())
-    assert status["status"] == "interrupted" and status["checkpoint"] == str(last)
-    assert load_checkpoint(last)["global_step"] == 4  # one epoch of 4 batches
+def final_state(run_dir: Path) -> dict:
+    """The final ``last.ckpt`` and metrics of a run folder."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["metrics"] = json.loads((run_dir / "status.json").read_text())["metrics"]
+    return ckpt
 
-    resumed = run_cli(
-        "src.train",
-        *cli_overrides(tmp_path / "resumed", banana_data_dir, *RESUME, f"ckpt_path={last}"),
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two final states are bit-identical: weights, momentum, schedule, progress, metrics."""
     assert a["epoch"] == b["epoch"] == 2  # last.ckpt is the final epoch
-    assert a["global_step"] == b["global_step"] == 12
+    assert a["global_step"] == b["global_step"] == 12  # 3 epochs of 4 batches
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key  # bit-exact
@@ -127,10 +106,71 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path: Path, banana_dat
             state["momentum_buffer"], b["optimizer_states"][0]["state"][key]["momentum_buffer"]
         )
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 12
-    ma = json.loads((tmp_path / "full" / "status.json").read_text())["metrics"]
-    mb = json.loads((tmp_path / "resumed" / "status.json").read_text())["metrics"]
     for name in ("val/mAP_50", "val/mAP", "val/loss", "train/loss_epoch"):
-        assert ma[name] == pytest.approx(mb[name], abs=1e-6), name
+        assert a["metrics"][name] == b["metrics"][name], name  # exactly equal
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Path) -> dict:
+    """The reference: 3 epochs without a stop, loaded with ``data.num_workers=0``."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_cli("src.train", *cli_overrides(run_dir, banana_data_dir, *RESUME))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return final_state(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("signame", "workers", "kill", "stopped_at"),
+    [
+        # mid-epoch: after batch 1 of epoch 1 (6 steps done), SIGTERM, in-process loading
+        ("SIGTERM", 0, ["SignalAfterBatch", "epoch=1", "batch=1"],
+         "1 completed epochs and 2 of 4 batches of epoch 1 (global step 6)"),
+        # mid-epoch Ctrl+C with 2 DataLoader workers (their augmentation is seeded per sample)
+        ("SIGINT", 2, ["SignalAfterBatch", "epoch=1", "batch=2", "signum=2"],
+         "1 completed epochs and 3 of 4 batches of epoch 1 (global step 7)"),
+        # at the end of epoch 0, 2 workers
+        ("SIGTERM", 2, ["SignalAfterEpoch", "epoch=0"], "1 completed epochs (global step 4)"),
+    ],
+)  # fmt: skip
+def test_signal_then_resume_equals_uninterrupted_run(
+    signame: str,
+    workers: int,
+    kill: list[str],
+    stopped_at: str,
+    uninterrupted: dict,
+    tmp_path: Path,
+    banana_data_dir: Path,
+) -> None:
+    """A run stopped by a real signal and resumed with the printed command ends bit-identical to
+    the uninterrupted run (which loaded its data with 0 workers)."""
+    callback = [f"+callbacks.kill._target_=tests.callbacks.{kill[0]}"]
+    callback += [f"+callbacks.kill.{arg}" for arg in kill[1:]]
+    args = [*RESUME, f"data.num_workers={workers}"]
+    killed = run_cli("src.train", *cli_overrides(tmp_path / "killed", banana_data_dir, *args,
+                                                 *callback))  # fmt: skip
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert killed.returncode == {"SIGTERM": 143, "SIGINT": 130}[signame], killed.stderr[-3000:]
+    log = killed.stdout + killed.stderr
+    assert f"{signame} received after {stopped_at}: saved {last}" in log, log[-3000:]
+    status = json.loads((tmp_path / "killed" / "status.json").read_text())
+    assert status == {"status": "interrupted", "signal": signame, "checkpoint": str(last)}
+    saved = load_checkpoint(last)
+    step = int(stopped_at.rsplit("global step ", 1)[1].rstrip(")"))
+    assert saved["global_step"] == step
+    loader = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    epoch = (step - 1) // 4  # the epoch it stopped in, and the batches trained in it
+    assert loader == [{"epoch": epoch, "batches": step - 4 * epoch, "seed": 42, "samples": 16}]
+
+    # the printed command, with the resumed run's folder instead of the killed one
+    command = shlex.split(log.split("Resume the run with: ", 1)[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "src.train"] and command[-1] == f"ckpt_path={last}"
+    overrides = [a if a.startswith("ckpt_path=") else
+                 a.replace(str(tmp_path / "killed"), str(tmp_path / "resumed"))
+                 for a in command[3:]]  # fmt: skip
+    resumed = run_cli("src.train", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stdout + resumed.stderr
+    assert_same_run(uninterrupted, final_state(tmp_path / "resumed"))
 
 
 def test_nan_loss_stops_with_message_and_no_bad_checkpoint(tmp_path: Path, banana_data_dir: Path):

@@ -765,7 +765,12 @@ class DetectionDataModule(LightningDataModule):
                 f"setup({stage!r}) first"
             )
         return detection_loader(
-            dataset, self.batch_size, shuffle, self.num_workers, self.pin_memory
+            dataset,
+            self.batch_size,
+            shuffle,
+            self.num_workers,
+            self.pin_memory,
+            resumable=name == "train",  # its position travels in checkpoints (exact resume)
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -8,7 +8,9 @@
 * :class:`RunInterruptedError`: raised after SIGTERM or SIGINT by
   :class:`src.callbacks.faults.InterruptCallback`; ``src.train`` then exits non-zero.
 * :func:`write_status`: ``<run>/status.json`` (``ok``, ``diverged``, ``interrupted``, ``failed``),
-  read by ``src.report``.
+  read by ``src.report``; :func:`read_status` reads it back.
+* :func:`resume_command` / :func:`sweep_resume_command`: the command that resumes a run from its
+  ``last.ckpt``, or a whole multirun or Optuna search from its sweep dir.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ __all__ = [
     "check_finite_grads",
     "check_finite_loss",
     "check_finite_state",
+    "current_sweep_dir",
+    "read_status",
     "resume_command",
+    "sweep_resume_command",
     "write_status",
 ]
 
@@ -164,6 +169,69 @@ def resume_command(ckpt_path: str | Path, argv: Sequence[str] | None = None) -> 
     return shlex.join(["python", "-m", "src.train", *args, f"ckpt_path={ckpt_path}"])
 
 
+def current_sweep_dir() -> Path | None:
+    """The sweep dir of the Hydra multirun this process runs a job of, else ``None``.
+
+    Read from Hydra's job config (``hydra.mode`` MULTIRUN, ``hydra.sweep.dir``); ``None`` for a
+    single run and outside Hydra (a config composed by a test).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra_cfg.sweep.dir)).resolve()
+
+
+#: Hydra overrides that the resume command of a sweep sets itself (or that ``-m`` implies)
+_SWEEP_OWN = ("hydra.sweep.dir=", "hydra.mode=")
+
+
+def sweep_resume_command(
+    sweep_dir: str | Path, argv: Sequence[str] | None = None, module: str = "src.train"
+) -> str:
+    """The command that resumes a whole multirun or Optuna search.
+
+    It is ``python -m src.train -m``, the sweep's own overrides (no job's values, no
+    ``ckpt_path``) and ``hydra.sweep.dir=<sweep_dir>``. The overrides come from
+    ``<sweep_dir>/multirun.yaml`` (written by Hydra's basic sweeper and by
+    :class:`src.search.sweeper.OptunaSweeper` before the first job: the command line's Hydra
+    overrides, e.g. ``hydra/launcher=submitit_local``, then its task overrides, e.g.
+    ``seed=1,2``), else from ``argv`` (default ``sys.argv[1:]``, the sweep's own command line
+    when the job runs in the sweeper's process).
+
+    Args:
+        sweep_dir: the sweep's folder (``hydra.sweep.dir``).
+        argv: the command line's overrides when ``multirun.yaml`` is missing.
+        module: the entry point.
+
+    Returns:
+        A shell-quoted command line. Run again, it skips the finished jobs, resumes the
+        interrupted ones from their ``checkpoints/last.ckpt`` and runs the others.
+    """
+    sweep_dir = Path(sweep_dir)
+    saved = sweep_dir / "multirun.yaml"
+    args: list[str]
+    if saved.is_file():
+        import yaml
+
+        overrides = (yaml.safe_load(saved.read_text()) or {}).get("hydra", {}).get("overrides", {})
+        args = [*(overrides.get("hydra") or []), *(overrides.get("task") or [])]
+    else:
+        args = list(sys.argv[1:] if argv is None else argv)
+    args = [
+        a
+        for a in args
+        if a not in ("-m", "--multirun")
+        and not a.startswith(_SWEEP_OWN)
+        and not a.startswith("ckpt_path=")
+    ]
+    return shlex.join(["python", "-m", module, "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
+
+
 def rng_states() -> dict[str, Any]:
     """The Python, NumPy and torch random states, as plain values and tensors."""
     np_state = np.random.get_state()
@@ -200,6 +268,22 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """``<run_dir>/status.json`` as written by :func:`write_status`, or ``None`` without one.
+
+    Raises:
+        ValueError: the file is not JSON (its path is named; delete it to run the job again).
+    """
+    path = Path(run_dir) / "status.json"
+    if not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err}); delete it to run this job again") from err
+    return status if isinstance(status, dict) else None
 
 
 def write_status(run_dir: str | Path, status: str, **details: Any) -> Path:
