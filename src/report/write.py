@@ -50,10 +50,8 @@ def _best_sentence(report: Report, best: Best, what: str) -> str:
     metric = f"`{report.best_metric}`"
     extreme = "largest" if report.best_mode == "max" else "smallest"
     if best.all_equal:
-        return (
-            f" All {best.compared} {what}s have the same {metric} ({best.value:.4g}): "
-            "none is marked best."
-        )
+        every = "Both" if best.compared == 2 else f"All {best.compared}"
+        return f" {every} {what}s have the same {metric} ({best.value:.4g}): none is marked best."
     if best.tie:
         return (
             f" {len(best.indices)} {what}s tie for the {extreme} {metric} ({best.value:.4g}): "

@@ -126,7 +126,10 @@ def short_number(value: float) -> str:
 
 
 def _value_label(y: float, e: float) -> str:
-    return short_number(y) if not math.isfinite(e) else f"{short_number(y)}±{e:.1g}"
+    """``0.22``, or ``0.22±0.01`` with a standard deviation (one significant digit)."""
+    if not math.isfinite(e):
+        return short_number(y)
+    return f"{short_number(y)}±{short_number(float(f'{e:.1g}'))}"
 
 
 # ----------------------------------------------------------------------------------- panels
