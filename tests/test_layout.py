@@ -18,7 +18,32 @@ from src.utils.checkpoint import LEGACY_TARGETS, load_run_config, upgrade_target
 from tests.conftest import ROOT
 
 SRC = ROOT / "src"
-ENTRY_POINTS = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")
+#: entry points: the modules under src/ and the packages that run as ``python -m src.<name>``
+ENTRY_POINTS = sorted(
+    {p.stem for p in SRC.glob("*.py") if p.stem != "__init__"}
+    | {p.parent.name for p in SRC.glob("*/__main__.py")}
+)
+#: layers, highest first: a module may import its own layer and the layers below it
+LAYERS = {
+    **{name: 3 for name in ENTRY_POINTS},
+    "models": 2,
+    "callbacks": 2,
+    "viz": 2,
+    "search": 2,
+    "data": 1,
+    "detection": 1,
+    "metrics": 1,
+    "utils": 0,
+}
+
+
+def _files(name: str) -> list[Path]:
+    """The source files of ``src.<name>`` (a module or a package)."""
+    return (
+        [SRC / f"{name}.py"]
+        if (SRC / f"{name}.py").is_file()
+        else sorted((SRC / name).rglob("*.py"))
+    )
 
 
 def _imports(path: Path) -> set[str]:
@@ -54,23 +79,43 @@ def test_detection_is_pure_tensor_code(path: Path) -> None:
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_no_entry_point_imports_another() -> None:
-    for stem in ENTRY_POINTS:
-        others = {f"src.{o}" for o in ENTRY_POINTS if o != stem}
-        imported = {
-            n
-            for n in _imports(SRC / f"{stem}.py")
-            if n in others or n.split(".")[:2] in [o.split(".") for o in others]
-        }
-        assert not imported, f"src/{stem}.py imports the entry point(s) {sorted(imported)}"
+def test_every_source_file_has_a_layer() -> None:
+    tops = {p.stem if p.suffix == ".py" else p.name for p in SRC.iterdir()}
+    tops -= {"__init__", "__pycache__"}
+    assert tops <= set(LAYERS), f"add {sorted(tops - set(LAYERS))} to LAYERS"
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_imports_point_down(name: str) -> None:
+    """No module imports a higher layer, and no entry point imports another entry point."""
+    bad = []
+    for path in _files(name):
+        for imported in _imports(path):
+            parts = imported.split(".")
+            if parts[0] != "src" or len(parts) < 2 or parts[1] == name:
+                continue
+            other = parts[1]
+            if LAYERS.get(other, 0) > LAYERS[name] or (
+                name in ENTRY_POINTS and other in ENTRY_POINTS
+            ):
+                bad.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", sorted((SRC / "viz").glob("*.py")), ids=lambda p: p.name)
+def test_viz_draws_without_lightning(path: Path) -> None:
+    bad = {n for n in _imports(path) if n.split(".")[0] in ("lightning", "pytorch_lightning")}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
 def test_every_callback_lives_in_src_callbacks() -> None:
     outside = []
     for info in pkgutil.walk_packages(src.__path__, "src."):
-        if info.name.startswith(("src.search.hydra_plugins",)) or info.name in {
-            f"src.{e}" for e in ENTRY_POINTS
-        }:
+        if (
+            info.name.startswith(("src.search.hydra_plugins",))
+            or info.name in {f"src.{e}" for e in ENTRY_POINTS}
+            or info.name.startswith("src.report")
+        ):
             continue
         module = import_module(info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
