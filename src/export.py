@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from src.utils.checkpoint import load_module
 from src.utils.config import set_project_root
+from src.utils.errors import report_errors
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export.yaml")
+@report_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     export(cfg)

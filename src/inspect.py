@@ -53,6 +53,7 @@ from src.detection.coverage import (
 )
 from src.utils.config import set_project_root
 from src.utils.console import task_overrides
+from src.utils.errors import report_errors
 from src.viz.data import (
     anchor_search_figure,
     box_shapes_figure,
@@ -468,6 +469,7 @@ def inspect(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect.yaml")
+@report_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (the summary is logged at the end)."""
     inspect(cfg)

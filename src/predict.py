@@ -44,6 +44,7 @@ from src.data.coco_results import coco_results, write_coco_results
 from src.detection.box_ops import scale_boxes
 from src.utils.checkpoint import load_module, load_run_config
 from src.utils.config import set_project_root
+from src.utils.errors import report_errors
 from src.viz.boxes import draw_detections
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
+@report_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; exits with status 1 if some images could not be processed."""
     try:

@@ -28,8 +28,14 @@ from src.callbacks.console import StartSummaryCallback, end_summary
 from src.callbacks.faults import InterruptCallback
 from src.callbacks.hparams import HParamsCallback
 from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_run_config
-from src.utils.config import check_group_keys, config_to_container, set_project_root
+from src.utils.config import (
+    check_group_keys,
+    check_optimizer,
+    config_to_container,
+    set_project_root,
+)
 from src.utils.console import task_overrides
+from src.utils.errors import format_user_error, report_errors, user_error
 from src.utils.faults import DivergedError, RunInterruptedError, write_status
 from src.utils.hparams import user_hparams
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -91,18 +97,21 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: Any) -> None:
             voc.class_names = names
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
+def check_resume(cfg: DictConfig, ckpt_path: str, run_config: DictConfig | None = None) -> None:
     """Fail early, in one sentence, when ``ckpt_path`` holds another network than ``cfg``.
 
     Args:
         cfg: this run's config (``model.net.num_classes`` already filled from the data).
         ckpt_path: the checkpoint to resume from.
+        run_config: its run config when already read (:func:`load_run_config`).
 
     Raises:
-        FileNotFoundError, ValueError: unreadable file (see :func:`load_run_config`).
+        FileNotFoundError, NotACheckpointError: not a checkpoint of ``src.train`` (see
+            :func:`load_run_config`).
         CheckpointMismatchError: another backbone, class count or input size.
     """
-    run_config, _ = load_run_config(ckpt_path)
+    if run_config is None:
+        run_config, _ = load_run_config(ckpt_path)
     keys = ("backbone.name", "model.net.num_classes", "backbone.image_size")
     theirs = [OmegaConf.select(run_config, k, default=None) for k in keys]
     ours = [OmegaConf.select(cfg, k, default=None) for k in keys]
@@ -138,18 +147,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         DivergedError: the loss or the weights became non-finite (nothing non-finite is saved).
         RunInterruptedError: SIGTERM or SIGINT stopped training (``last.ckpt`` was saved).
         CheckpointMismatchError: ``ckpt_path`` holds another network.
-        ValueError: a setting the chosen config group ignores, and other bad settings.
+        NotACheckpointError: ``ckpt_path`` is not a checkpoint written by ``src.train``
+            (checked before anything is built).
+        ValueError: a setting the chosen config group ignores, an optimiser or scheduler value
+            out of range, and other bad settings.
     """
     check_group_keys(cfg)
+    check_optimizer(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    # read before Lightning touches the file: a file that is not a checkpoint is one sentence
+    resumed = load_run_config(str(ckpt_path))[0] if ckpt_path else None
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     log.debug("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     fill_from_datamodule(cfg, datamodule)
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        check_resume(cfg, str(ckpt_path))
+        check_resume(cfg, str(ckpt_path), resumed)
 
     log.debug("Instantiating model <%s>", cfg.model._target_)
     model = instantiate(cfg.model)
@@ -207,12 +222,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers (e.g. Optuna).
 
     The run's outcome goes to ``<run>/status.json`` (read by ``src.report``). A diverged or
-    failed run raises (Hydra exits with status 1 and a multirun records the job as failed); a
-    run stopped by SIGTERM or SIGINT exits with 143 or 130 after saving ``last.ckpt``.
+    failed run exits with status 1: the project's own errors (bad settings, data or files) as
+    one line, bugs with their traceback (:func:`src.utils.errors.report_errors`); a multirun
+    records the job as failed. A run stopped by SIGTERM or SIGINT exits with 143 or 130 after
+    saving ``last.ckpt``.
     """
     run_dir = cfg.paths.output_dir
     try:
@@ -227,7 +245,8 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         # a trial that an Optuna pruner stopped (optuna.TrialPruned) is not a failure
         state = "pruned" if type(err).__name__ == "TrialPruned" else "failed"
-        write_status(run_dir, state, message=f"{type(err).__name__}: {err}")
+        found = user_error(err) or err  # the user's error under Hydra's InstantiationException
+        write_status(run_dir, state, message=f"{type(found).__name__}: {format_user_error(found)}")
         raise
     write_status(run_dir, "ok", metrics=metrics)
     name = cfg.get("optimized_metric")

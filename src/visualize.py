@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import functional as F
 from src.data.base import read_image
 from src.utils.checkpoint import load_module
 from src.utils.config import data_config, set_project_root
+from src.utils.errors import report_errors
 from src.viz.anchors import (
     AnchorAnalysis,
     analyze_module,
@@ -226,6 +227,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="visualize.yaml")
+@report_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; prints the written files."""
     result = visualize(cfg)

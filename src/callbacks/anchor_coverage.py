@@ -88,6 +88,9 @@ class AnchorCoverageCheck(Callback):
             return
         boxes, labels, _ = dataset_boxes(dataset)
         total = int(boxes.shape[0])
+        if total == 0:  # data.allow_empty=true: no box to cover
+            log.debug("anchor coverage not checked: the training set holds no box")
+            return
         if total > self.max_boxes:
             generator = torch.Generator().manual_seed(0)
             keep = torch.randperm(total, generator=generator)[: self.max_boxes]

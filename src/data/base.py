@@ -572,6 +572,8 @@ class DetectionDataModule(LightningDataModule):
         image_size: model input side ``S`` or ``[H, W]``.
         cache: decode every image once in ``setup`` and keep it in memory (uint8).
         fill: zoom-out fill colour (RGB in ``[0, 1]``).
+        allow_empty: train on a training split without any object (``data.allow_empty``);
+            by default :meth:`setup` stops with an error naming the data.
         **options: the format's own config keys (``data.root``, ``data.train_sets``, ...) that
             the factories read through interpolation (``${..root}``); only recorded here.
 
@@ -599,6 +601,7 @@ class DetectionDataModule(LightningDataModule):
         image_size: int | Sequence[int] = 300,
         cache: bool = False,
         fill: Sequence[float] = IMAGENET_MEAN,
+        allow_empty: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -651,6 +654,7 @@ class DetectionDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.cache = bool(cache)
+        self.allow_empty = bool(allow_empty)
         self.fill = tuple(float(f) for f in fill)
         self.train_transform = build_transforms(True, self.image_size, augment, self.fill)
         self.eval_transform = build_transforms(False, self.image_size, "none", self.fill)
@@ -666,6 +670,7 @@ class DetectionDataModule(LightningDataModule):
                 "augment": augment,
                 "image_size": self.image_size,
                 "cache": self.cache,
+                "allow_empty": self.allow_empty,
                 **{k: _plain(v) for k, v in options.items()},
             }
         )
@@ -747,6 +752,7 @@ class DetectionDataModule(LightningDataModule):
             self.prepare_data()
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._build("train")
+            self._check_objects(self.train_dataset, "train")
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._build("val")
         if stage in (None, "test", "predict") and self.test_dataset is None:
@@ -756,6 +762,22 @@ class DetectionDataModule(LightningDataModule):
                 self.test_dataset = self.val_dataset
             else:
                 self.test_dataset = self._build("test")
+
+    def _check_objects(self, dataset: DetectionDataset, split: str) -> None:
+        """Stop when the ``split`` dataset holds no object at all (unless ``allow_empty``).
+
+        Raises:
+            DataFormatError: naming the data, the split and ``data.allow_empty=true``.
+        """
+        if self.allow_empty or dataset.num_objects > 0:
+            return
+        keys = ("root", "dataset_yaml", "train_json", "data_dir", "source")
+        where = [f"data.{k}={self.hparams[k]}" for k in keys if self.hparams.get(k)]
+        raise DataFormatError(
+            f"the {split} split of {self.format_name} ({', '.join(where) or 'data'}; "
+            f"{len(dataset)} images) holds no object: a detector learns nothing from it. Check "
+            "the annotations and the split, or set data.allow_empty=true to train anyway"
+        )
 
     def _loader(self, dataset: DetectionDataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:

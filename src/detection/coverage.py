@@ -109,7 +109,8 @@ def size_categories(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
 def _shares(covered: Tensor, groups: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """Per-group share of ``covered``: ``(Tensor[count] float, nan where empty; Tensor[count])``."""
     total = torch.bincount(groups, minlength=count)[:count]
-    hits = torch.bincount(groups, weights=covered.double(), minlength=count)[:count]
+    # float64 also for no boxes at all (bincount of an empty input returns int64)
+    hits = torch.bincount(groups, weights=covered.double(), minlength=count)[:count].double()
     share = torch.where(total > 0, hits / total.clamp(min=1), torch.full_like(hits, math.nan))
     return share.float(), total
 

@@ -31,7 +31,13 @@ from torch import Tensor
 
 from src.models.backbones.vgg16 import VGG_CONV_INDICES, vgg_layer_path
 from src.models.ssd import SSD
-from src.utils.checkpoint import CheckpointMismatchError, describe_model, load_checkpoint
+from src.utils.checkpoint import (
+    CheckpointMismatchError,
+    NotACheckpointError,
+    describe_foreign,
+    describe_model,
+    load_checkpoint,
+)
 
 __all__ = [
     "net_run_config",
@@ -247,6 +253,13 @@ def _mismatch(state: Mapping[str, Tensor], net: SSD) -> list[str]:
     return problems
 
 
+#: what ``model.init_from`` messages ask for.
+_INIT_FROM_HINT = (
+    "pass a .ckpt written by `python -m src.train` (outputs/train/runs/<run>/checkpoints/) or "
+    "an ssd.pytorch SSD300 state dict (.pth)"
+)
+
+
 def load_initial_weights(net: SSD, path: str | Path) -> None:
     """Load ``path`` into ``net``: an ``src.train`` checkpoint or an ``ssd.pytorch`` state dict.
 
@@ -258,12 +271,18 @@ def load_initial_weights(net: SSD, path: str | Path) -> None:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        NotACheckpointError: anything else than those two (``model.init_from=<file> is not a
+            checkpoint written by src.train (<why>)``): an image, a text file, a truncated
+            file, another network's state dict, a Lightning checkpoint of another module, ...
         CheckpointMismatchError: the checkpoint's network is another backbone or class count
             (one sentence naming both sides).
-        ValueError: the keys fit neither layout (the message lists the first keys).
+        ValueError: an ``ssd.pytorch`` state dict that does not fit ``net``.
     """
-    blob = load_checkpoint(path, key="model.init_from")
+    key = "model.init_from"
+    blob = load_checkpoint(path, key=key, hint=_INIT_FROM_HINT)
     state = blob.get("state_dict", blob)
+    if not isinstance(state, Mapping) or not _is_tensor_dict(state):
+        raise NotACheckpointError(key, path, describe_foreign(blob), _INIT_FROM_HINT)
     if any(k.startswith("net.") for k in state):
         own = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
         problems = _mismatch(own, net)
@@ -288,7 +307,15 @@ def load_initial_weights(net: SSD, path: str | Path) -> None:
         load_ssd_pytorch_state_dict(net, state)
         log.info("Initialised the net from the ssd.pytorch weights %s", path)
         return
-    raise ValueError(
-        f"model.init_from={path}: keys fit neither an src.train checkpoint ('net.*') nor "
-        f"ssd.pytorch ('vgg.*', 'L2Norm.weight', ...); first keys: {list(state)[:5]}"
+    raise NotACheckpointError(
+        key,
+        path,
+        f"{describe_foreign(blob)}; its keys fit neither src.train's ('net.*') nor "
+        "ssd.pytorch's ('vgg.*', 'L2Norm.weight', ...)",
+        _INIT_FROM_HINT,
     )
+
+
+def _is_tensor_dict(state: Mapping[Any, Any]) -> bool:
+    """Whether ``state`` maps string keys to tensors (a state dict; empty counts)."""
+    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())

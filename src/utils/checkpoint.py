@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointMismatchError",
+    "NotACheckpointError",
+    "describe_foreign",
     "describe_model",
     "load_checkpoint",
     "load_module",
@@ -80,22 +82,102 @@ def plain_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _plain(v) for k, v in checkpoint.items() if k not in _DROPPED_KEYS}
 
 
-def load_checkpoint(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` and clear errors.
+#: what the project's checkpoint messages ask for.
+_PASS_A_CKPT = "pass best.ckpt or last.ckpt from outputs/train/runs/<run>/checkpoints/"
+
+#: leading bytes of files that are often passed by mistake, and what they are.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x89HDF", "an HDF5 file (Keras / h5py)"),
+)
+
+
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint is not one written by ``src.train``.
+
+    The message is one sentence: ``<key>=<file> is not a checkpoint written by src.train
+    (<why>)``, then what to pass instead.
+    """
+
+    def __init__(self, key: str, path: str | os.PathLike, why: str, hint: str = _PASS_A_CKPT):
+        super().__init__(f"{key}={path} is not a checkpoint written by src.train ({why}); {hint}")
+        self.key = key
+        self.path = str(path)
+        self.why = why
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    """The first non-empty line of ``text``, cut to ``limit`` characters."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _first_sentence(text: str, limit: int = 120) -> str:
+    """The first sentence of ``text``'s first line, cut to ``limit`` characters."""
+    line = _first_line(text, 10_000).split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _what_file(path: Path, err: BaseException) -> str:
+    """What a file that ``torch.load`` cannot read is, from its first bytes (for messages)."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "it is an empty file"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "it is a WebP image"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"it is {what}"
+    if head.startswith(b"PK\x03\x04"):
+        return f"it is a truncated or damaged torch file: {_first_sentence(str(err))}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\n\r\t" for c in text[:1024]):
+        return f"it is a text file starting {_first_line(text, 40)!r}"
+    if isinstance(err, EOFError):
+        return "it ends too early: a truncated file"
+    return "it is not a torch file: its bytes do not unpickle"
+
+
+def _unsupported_global(text: str) -> str | None:
+    """The Python object a ``weights_only`` unpickling error refused (``pathlib.PosixPath``)."""
+    match = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", text)
+    return match.group(1) if match else None
+
+
+def load_checkpoint(
+    ckpt_path: str | os.PathLike, key: str = "ckpt_path", hint: str = _PASS_A_CKPT
+) -> dict[str, Any]:
+    """Load a torch file with ``torch.load(weights_only=True)``; one clear error otherwise.
+
+    Any file that ``torch.load`` cannot read safely, or that does not hold a dict, raises
+    :class:`NotACheckpointError` saying what it is (an image, a text file, a truncated torch
+    file, pickled Python objects, ...). The dict itself is not checked: see
+    :func:`load_run_config` for checkpoints written by ``src.train``.
 
     Args:
         ckpt_path: a ``.ckpt`` (or ``.pth``) file.
         key: the config key that named the file, for the messages.
+        hint: what the message asks to pass instead.
 
     Returns:
-        The checkpoint's dict (tensors on CPU).
+        The file's dict (tensors on CPU).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a torch checkpoint, or it holds pickled code (not loadable
-            safely).
+        NotACheckpointError: a folder, a file torch cannot read, pickled Python objects (not
+            loaded: they could run code), or not a dict.
     """
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise NotACheckpointError(key, path, "it is a folder", hint)
     if not path.is_file():
         raise FileNotFoundError(
             f"{key}={path} does not exist; pass the .ckpt written by `python -m src.train` "
@@ -103,30 +185,55 @@ def load_checkpoint(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> dic
         )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Unsupported global" in text or "Unsupported class" in text:
-            raise ValueError(
-                f"{key}={path} holds pickled Python objects, not only tensors and plain values, "
-                "so it is not loaded (a checkpoint could run code that way). Checkpoints written "
-                "by this project load safely; re-export this one as a plain state dict "
-                f"({next(line for line in text.splitlines() if 'Unsupported' in line).strip()})"
-            ) from err
-        raise ValueError(
-            f"{key}={path} is not a torch checkpoint (it does not unpickle as one); pass a .ckpt "
-            "written by `python -m src.train`"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(
-            f"{key}={path} is not a readable torch checkpoint ({type(err).__name__}: {err}); "
-            "pass a .ckpt written by `python -m src.train` (the file may be truncated)"
-        ) from err
+    except Exception as err:  # noqa: BLE001 - torch.load raises anything on arbitrary bytes
+        unsupported = _unsupported_global(str(err))
+        if isinstance(err, pickle.UnpicklingError) and unsupported:
+            why = (
+                f"it holds pickled Python objects such as {unsupported}, not only tensors and "
+                "plain values: not loaded, since unpickling them could run code"
+            )
+        else:
+            why = _what_file(path, err)
+        raise NotACheckpointError(key, path, why, hint) from err
     if not isinstance(blob, dict):
-        raise ValueError(
-            f"{key}={path} holds a {type(blob).__name__}, not a checkpoint dict; pass a .ckpt "
-            "written by `python -m src.train`"
+        raise NotACheckpointError(
+            key, path, f"it holds a {type(blob).__name__}, not a checkpoint dict", hint
         )
     return blob
+
+
+def _is_state_dict(blob: Mapping[str, Any]) -> bool:
+    """Whether ``blob`` is a plain state dict (every value a tensor)."""
+    return bool(blob) and all(isinstance(v, torch.Tensor) for v in blob.values())
+
+
+def describe_foreign(blob: Mapping[str, Any]) -> str:
+    """What a loaded torch dict without ``src.train``'s run config is (for messages).
+
+    Args:
+        blob: the dict ``torch.load`` returned.
+
+    Returns:
+        E.g. ``it is a Lightning checkpoint (Lightning 2.6.0) without the run config that
+        src.train stores, ...`` or ``it is a plain state dict of 244 tensors, keys
+        features.0.0.weight, ..., without the run config that src.train stores``.
+    """
+    keys = [str(k) for k in blob]
+    if "pytorch-lightning_version" in blob or {"state_dict", "loops"} <= set(blob):
+        version = blob.get("pytorch-lightning_version")
+        made_by = f" (Lightning {version})" if version else ""
+        return (
+            f"it is a Lightning checkpoint{made_by} without the run config that src.train "
+            "stores, so the network cannot be rebuilt from it"
+        )
+    if _is_state_dict(blob):
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return (
+            f"it is a plain state dict of {len(keys)} tensors, keys {shown}, without the run "
+            "config that src.train stores"
+        )
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"it is a dict with the keys {shown or '(none)'} and no run config"
 
 
 #: ``_target_`` paths of classes that moved, as stored in the run configs of older checkpoints,
@@ -165,26 +272,34 @@ def upgrade_targets(value: Any) -> Any:
     return value
 
 
-def load_run_config(ckpt_path: str | os.PathLike) -> tuple[DictConfig, dict[str, Any]]:
+def load_run_config(
+    ckpt_path: str | os.PathLike, key: str = "ckpt_path"
+) -> tuple[DictConfig, dict[str, Any]]:
     """Read a checkpoint written by ``src.train`` and the run config stored inside it.
 
     Args:
         ckpt_path: path of a ``.ckpt`` file.
+        key: the config key that named the file, for the messages.
 
     Returns:
         ``(run_config, checkpoint)``: the training run's resolved config and the raw checkpoint.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: not a safe torch checkpoint, or no run config (not written by ``src.train``).
+        NotACheckpointError: anything else than a checkpoint of ``src.train`` (one line saying
+            what the file is: an image, a text file, a truncated file, another framework's
+            checkpoint or state dict, ...).
     """
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, key=key)
     run_config = checkpoint.get("run_config")
     if run_config is None:
-        raise ValueError(
-            f"{ckpt_path} has no 'run_config': it was not written by `python -m src.train`, so "
-            "the network cannot be rebuilt from it"
+        raise NotACheckpointError(key, ckpt_path, describe_foreign(checkpoint))
+    if not isinstance(run_config, Mapping):
+        raise NotACheckpointError(
+            key, ckpt_path, f"its run_config is a {type(run_config).__name__}, not a dict"
         )
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise NotACheckpointError(key, ckpt_path, "it has a run config but no state_dict")
     checkpoint["run_config"] = upgrade_targets(run_config)
     return OmegaConf.create(checkpoint["run_config"]), checkpoint
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "check_group_keys",
+    "check_optimizer",
+    "check_value",
     "config_to_container",
     "register_resolvers",
     "set_project_root",
@@ -176,6 +179,94 @@ def check_group_keys(cfg: DictConfig, groups: tuple[str, ...] = ("loss", "mining
                 f"{group}.{key}={value} is ignored by {group}={chosen}: {hint}, or drop the "
                 "override"
             )
+
+
+#: bounds of the optimiser and scheduler settings checked before training: key -> (low, low
+#: included, high, high included); None: unbounded on that side. Only keys present are checked.
+OPTIMIZER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "lr": (0.0, False, None, False),
+    "momentum": (0.0, True, 1.0, False),
+    "weight_decay": (0.0, True, None, False),
+    "dampening": (0.0, True, 1.0, True),
+    "eps": (0.0, True, None, False),
+}
+SCHEDULER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "warmup_steps": (0.0, True, None, False),
+    "warmup_iters": (0.0, True, None, False),
+    "warmup_factor": (0.0, False, 1.0, True),
+    "min_factor": (0.0, True, 1.0, False),
+    "gamma": (0.0, False, None, False),
+}
+
+
+def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    """``> 0``, ``>= 0``, ``in [0, 1)``, ... for messages."""
+    if low is not None and high is not None:
+        return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+    if low is not None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"{'<=' if high_in else '<'} {high:g}"
+
+
+def check_value(
+    value: Any, key: str, bounds: tuple[float | None, bool, float | None, bool]
+) -> float:
+    """Check that the config value ``key`` is a finite number within ``bounds``.
+
+    Args:
+        value: the value (resolved).
+        key: its full config key, for the message (``model.optimizer.lr``).
+        bounds: ``(low, low included, high, high included)``; None: no bound on that side.
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        ValueError: ``"<key> must be <range> (got <value>)"``; a non-number says so.
+    """
+    low, low_in, high, high_in = bounds
+    allowed = _range_text(low, low_in, high, high_in)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number {allowed} (got {value!r})")
+    ok = (low is None or value > low or (low_in and value == low)) and (
+        high is None or value < high or (high_in and value == high)
+    )
+    if not ok:
+        raise ValueError(f"{key} must be {allowed} (got {value!r})")
+    return float(value)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Check the optimiser and scheduler settings before anything is built or trained.
+
+    ``model.optimizer.lr > 0``, ``momentum`` in ``[0, 1)``, ``weight_decay >= 0`` (also
+    ``dampening`` in ``[0, 1]``, ``eps >= 0`` and each of ``betas`` in ``[0, 1)``, where the
+    optimiser has them); ``model.scheduler.warmup_steps`` / ``warmup_iters >= 0``,
+    ``warmup_factor`` in ``(0, 1]``, ``min_factor`` in ``[0, 1)``, ``gamma > 0``. Only the keys
+    present (and not null) are checked, so any ``torch.optim`` optimiser can be chosen.
+
+    Args:
+        cfg: the composed config (``model.optimizer``, ``model.scheduler``).
+
+    Raises:
+        ValueError: naming the key, its allowed range and the value given
+            (``model.optimizer.lr must be > 0 (got -1.0)``).
+    """
+    for node_key, bounds in (
+        ("model.optimizer", OPTIMIZER_BOUNDS),
+        ("model.scheduler", SCHEDULER_BOUNDS),
+    ):
+        node = OmegaConf.select(cfg, node_key, default=None)
+        if not isinstance(node, DictConfig):
+            continue
+        for key, limits in bounds.items():
+            value = node.get(key)
+            if value is not None:
+                check_value(value, f"{node_key}.{key}", limits)
+        betas = node.get("betas") if node_key == "model.optimizer" else None
+        if betas is not None:
+            for i, beta in enumerate(betas):
+                check_value(beta, f"{node_key}.betas[{i}]", (0.0, True, 1.0, False))
 
 
 def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
