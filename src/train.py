@@ -36,7 +36,7 @@ from src.utils.config import (
 )
 from src.utils.console import task_overrides
 from src.utils.errors import format_user_error, report_errors, user_error
-from src.utils.faults import DivergedError, RunInterruptedError, write_status
+from src.utils.faults import DivergedError, RunInterruptedError, read_status, write_status
 from src.utils.hparams import user_hparams
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 
@@ -122,6 +122,40 @@ def check_resume(cfg: DictConfig, ckpt_path: str, run_config: DictConfig | None 
             "original run's overrides (its .hydra/overrides.yaml), or start a new run with "
             "model.init_from=... on the matching backbone"
         )
+
+
+def resume_in_place(cfg: DictConfig) -> dict[str, float] | None:
+    """Pick up an earlier attempt of this run in its own folder (``paths.output_dir``).
+
+    A job of a multirun or Optuna search resumed with ``hydra.sweep.dir=<dir>`` runs in the
+    folder of its first attempt (``<dir>/<job number>``), as does a run started again with the
+    same ``hydra.run.dir``. For a training run without ``ckpt_path``:
+
+    * ``status.json`` says ``ok``: the run is not trained again; its recorded metrics are
+      returned (a resumed sweep skips its finished jobs);
+    * ``checkpoints/last.ckpt`` exists: ``cfg.ckpt_path`` is set to it, so the run resumes
+      exactly where it stopped instead of overwriting its checkpoints with a fresh start.
+
+    Args:
+        cfg: the run's config (``ckpt_path`` may be set here).
+
+    Returns:
+        The finished run's metrics, or ``None`` when the run is to be trained.
+    """
+    if not cfg.get("train", True) or cfg.get("ckpt_path"):
+        return None
+    run_dir = Path(str(cfg.paths.output_dir))
+    status = read_status(run_dir)
+    if status is not None and status.get("status") == "ok":
+        metrics = {str(k): float(v) for k, v in (status.get("metrics") or {}).items()}
+        log.info("%s finished earlier (status.json: ok): not training it again", run_dir)
+        return metrics
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.warning("%s holds an earlier attempt of this run: resuming from %s", run_dir, last)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last)
+    return None
 
 
 def _best_checkpoint(callbacks: list[Callback]) -> ModelCheckpoint | None:
@@ -233,8 +267,9 @@ def main(cfg: DictConfig) -> float | None:
     saving ``last.ckpt``.
     """
     run_dir = cfg.paths.output_dir
+    finished = resume_in_place(cfg)  # a resumed sweep's finished or interrupted job
     try:
-        metrics, _ = train(cfg)
+        metrics = finished if finished is not None else train(cfg)[0]
     except DivergedError as err:
         write_status(run_dir, "diverged", message=str(err), step=err.step, terms=err.terms)
         raise

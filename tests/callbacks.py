@@ -26,7 +26,8 @@ class SignalAfterBatch(Callback):
     ``epoch`` (both 0-based): a stop in the middle of an epoch.
 
     With ``once_file`` the signal is sent only if that file does not exist yet (it is created
-    first), so the jobs of a sweep and a resumed run do not stop again at the same batch.
+    first), so the jobs of a sweep and a resumed run do not stop again at the same batch; with
+    ``only_dir`` only in the run whose ``trainer.default_root_dir`` it is (one job of a sweep).
     """
 
     def __init__(
@@ -35,16 +36,20 @@ class SignalAfterBatch(Callback):
         batch: int = 1,
         signum: int = int(signal.SIGTERM),
         once_file: str | None = None,
+        only_dir: str | None = None,
     ) -> None:
         self.epoch = int(epoch)
         self.batch = int(batch)
         self.signum = int(signum)
         self.once_file = once_file
+        self.only_dir = only_dir
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         if trainer.current_epoch != self.epoch or batch_idx != self.batch:
+            return
+        if self.only_dir is not None and Path(trainer.default_root_dir) != Path(self.only_dir):
             return
         if self.once_file is not None:
             marker = Path(self.once_file)

@@ -128,8 +128,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, banana_data_dir: Pat
         # mid-epoch Ctrl+C with 2 DataLoader workers (their augmentation is seeded per sample)
         ("SIGINT", 2, ["SignalAfterBatch", "epoch=1", "batch=2", "signum=2"],
          "1 completed epochs and 3 of 4 batches of epoch 1 (global step 7)"),
-        # at the end of epoch 0, 2 workers
-        ("SIGTERM", 2, ["SignalAfterEpoch", "epoch=0"], "1 completed epochs (global step 4)"),
+        # at the end of epoch 0, 2 workers (the loader's test covers the end-of-epoch state)
+        pytest.param("SIGTERM", 2, ["SignalAfterEpoch", "epoch=0"],
+                     "1 completed epochs (global step 4)", marks=pytest.mark.slow),
     ],
 )  # fmt: skip
 def test_signal_then_resume_equals_uninterrupted_run(
@@ -326,3 +327,40 @@ def test_text_file_and_pickled_object_as_checkpoint(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "obj": Path("x")}, pickled)  # a pickled class, not a value
     with pytest.raises(ValueError, match="holds pickled Python objects"):
         load_checkpoint(pickled)
+
+
+def test_slurm_requeue_signal_is_deferred_to_the_end_of_the_batch(tmp_path: Path) -> None:
+    """Lightning's SLURM handler (``hpc_ckpt_*.ckpt`` and requeue) runs at the next batch end,
+    not in the middle of a step; the handlers are put back at teardown."""
+    import signal
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from src.callbacks.faults import InterruptCallback
+
+    calls: list[int] = []
+
+    def lightning_handler(signum, frame) -> None:  # noqa: ANN001
+        calls.append(signum)
+
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous_usr1 = signal.signal(signal.SIGUSR1, lightning_handler)
+    try:
+        env = SLURMEnvironment(auto_requeue=True)
+        trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=env))
+        callback = InterruptCallback(tmp_path)
+        callback.on_train_start(trainer, None)
+        assert signal.getsignal(signal.SIGINT) == callback._on_sigint
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == []  # deferred
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        assert calls == [signal.SIGUSR1]
+        callback.on_train_batch_end(trainer, None, None, None, 1)
+        assert calls == [signal.SIGUSR1]  # once
+        callback.teardown(trainer, None, "fit")
+        assert signal.getsignal(signal.SIGUSR1) == lightning_handler
+        assert signal.getsignal(signal.SIGINT) == previous_int
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+        signal.signal(signal.SIGINT, previous_int)

@@ -173,6 +173,10 @@ class OptunaSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        # Hydra hands __init__ the sampler already built; its config lets _sampler reseed it
+        sampler = OmegaConf.select(config, "hydra.sweeper.sampler")
+        if isinstance(sampler, DictConfig):
+            self.sampler_config = sampler
 
     # ------------------------------------------------------------------------------ helpers
     def storage_url(self) -> str:
@@ -181,8 +185,18 @@ class OptunaSweeper(Sweeper):
             return str(self.storage)
         return f"sqlite:///{(self.sweep_dir / DEFAULT_DB).resolve()}"
 
-    def _sampler(self) -> Any:
+    def _sampler(self, trials_so_far: int = 0) -> Any:
+        """The configured sampler; its ``seed`` offset by the trials the study already holds.
+
+        A resumed search (``hydra.sweep.dir=<dir>``) builds its sampler again: with the
+        configured seed it would draw the first trials' parameters once more. Seeded with
+        ``seed + trials_so_far`` it draws new ones, and a search interrupted after ``n`` trials
+        is resumed the same way every time.
+        """
         if isinstance(self.sampler_config, DictConfig | dict):
+            seed = self.sampler_config.get("seed")
+            if seed is not None and trials_so_far:
+                return instantiate(self.sampler_config, seed=int(seed) + trials_so_far)
             return instantiate(self.sampler_config)
         return self.sampler_config
 
@@ -291,6 +305,11 @@ class OptunaSweeper(Sweeper):
             load_if_exists=True,
         )
         trials = study.get_trials(deepcopy=False)
+        if trials:  # a resumed search: a sampler that does not repeat the first trials
+            study.sampler = self._sampler(len(trials))
+        # the sweep's config, as Hydra's basic sweeper writes it: the resume command printed
+        # when a trial is interrupted reads the command line's overrides from it
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         finished = [t for t in trials if t.state.is_finished()]
         stale = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
         remaining = self.n_trials - len(finished)
