@@ -33,12 +33,13 @@ Nothing here knows of Lightning or the models.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import linecache
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,6 +191,22 @@ def _multirun() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Route Python warnings to the ``py.warnings`` logger while the block runs.
+
+    Libraries' warnings (deprecations between versions, DataLoader and logging-interval advice)
+    are chatter for the person at the console; ``conf/hydra/default.yaml`` sends the
+    ``py.warnings`` logger to the run's log file only, so they are kept there. The project's own
+    messages go through ``logging`` and reach the console as before.
+    """
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+
+
 def report_errors(main: F) -> F:
     """Wrap an entry point's ``main``: a user error becomes one line on stderr and exit 1.
 
@@ -206,7 +223,8 @@ def report_errors(main: F) -> F:
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return main(*args, **kwargs)
+            with warnings_to_log():
+                return main(*args, **kwargs)
         except Exception as err:
             found = user_error(err)
             if found is None:
