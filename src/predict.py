@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+#: images without detection named one by one in the log (the others are counted)
+MAX_EMPTY_LISTED = 10
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -178,11 +180,17 @@ def resolve_threshold(cfg: DictConfig, checkpoint: dict[str, Any]) -> tuple[floa
         )
     else:
         value = float(cfg.get("fallback_threshold", 0.5))
-        source = (
-            "the default fallback_threshold: this checkpoint stores no F1-optimal threshold "
-            "(written before src.train stored one, or trained without the VOC metric); pass "
-            "threshold=T to choose one"
-        )
+        if isinstance(stored, dict):  # that validation gave no threshold
+            why = (
+                f"the checkpoint's validation (epoch {stored.get('epoch', '?')}) gave no "
+                f"F1-optimal threshold: {stored.get('reason', 'no detection')}"
+            )
+        else:
+            why = (
+                "this checkpoint stores no F1-optimal threshold (written before src.train "
+                "stored one, or trained without the VOC metric)"
+            )
+        source = f"the default fallback_threshold: {why}; pass threshold=T to choose one"
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {value} ({source})")
     return value, source
@@ -281,10 +289,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     _, checkpoint = load_run_config(cfg.ckpt_path)
     threshold, source = resolve_threshold(cfg, checkpoint)
     module, run_config = load_module(cfg.ckpt_path, checkpoint=checkpoint)
-    if cfg.get("threshold") is None and checkpoint.get("score_threshold") is None:
-        log.warning("Score threshold %g, %s", threshold, source)
+    if source.startswith("the default"):
+        log.warning("Score threshold %.3g, %s", threshold, source)
     else:
-        log.info("Score threshold %g, %s", threshold, source)
+        log.info("Score threshold %.3g, %s", threshold, source)
     module.to(cfg.device)
     names = module.class_names
     count = int(module.net.num_classes)
@@ -295,6 +303,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     records: list[dict[str, Any]] = []
+    empty = 0  # images without a detection at or above the threshold
     failed: list[tuple[str, str]] = []
     images_json: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -315,7 +324,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         for (image_id, path, image), det in zip(batch, detections, strict=True):
             rel = path.relative_to(root)
             if not det["scores"].numel():
-                log.warning("%s", no_detection_message(rel.as_posix(), det, threshold, names))
+                empty += 1
+                if empty <= MAX_EMPTY_LISTED:
+                    log.warning("%s", no_detection_message(rel.as_posix(), det, threshold, names))
             records.append(_write_image_outputs(path, rel, image, det, threshold, names, out_dir))
             height, width = image.shape[-2:]
             images_json.append(
@@ -325,6 +336,11 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
     detections_path = write_coco_results(out_dir / "detections.json", results)
     (out_dir / "images.json").write_text(json.dumps(images_json, indent=2))
+    if empty > MAX_EMPTY_LISTED:
+        log.warning(
+            "%d of %d images have no detection above %.2f (the first %d are listed above)",
+            empty, len(records), threshold, MAX_EMPTY_LISTED,
+        )  # fmt: skip
     if records:
         log.info(
             "%d images in %.2f s of network + post-processing: %.1f images/s (batch_size=%d, "

@@ -83,8 +83,23 @@ def test_resolve_threshold_by_hand() -> None:
         "0.750, recall 0.857 at IoU 0.5, all classes)"
     )
     value, source = resolve_threshold(cfg, {})
-    assert value == 0.5 and source.startswith("the default fallback_threshold")
-    assert "threshold=T" in source
+    assert value == 0.5 and source == (
+        "the default fallback_threshold: this checkpoint stores no F1-optimal threshold (written "
+        "before src.train stored one, or trained without the VOC metric); pass threshold=T to "
+        "choose one"
+    )
+    # the checkpoint's validation had no detection: no threshold, and the reason
+    none = {
+        "value": None,
+        "epoch": 0,
+        "reason": "the validation had no detection or no ground truth",
+    }
+    value, source = resolve_threshold(cfg, {"score_threshold": none})
+    assert value == 0.5 and source == (
+        "the default fallback_threshold: the checkpoint's validation (epoch 0) gave no F1-optimal "
+        "threshold: the validation had no detection or no ground truth; pass threshold=T to "
+        "choose one"
+    )
     given = OmegaConf.create({"threshold": 0.25, "fallback_threshold": 0.5})
     assert resolve_threshold(given, {"score_threshold": STORED}) == (
         0.25,
@@ -117,7 +132,7 @@ def test_predict_uses_the_stored_threshold(
     (record,) = _said(caplog, "Score threshold")
     assert record.levelno == logging.INFO
     assert record.getMessage().startswith(
-        "Score threshold 0.4137, the F1-optimal threshold of the checkpoint's validation (epoch 3"
+        "Score threshold 0.414, the F1-optimal threshold of the checkpoint's validation (epoch 3"
     )
     assert written["threshold"] == pytest.approx(0.4137)
     assert all(d["score"] >= 0.4137 for d in written["detections"])
@@ -161,3 +176,63 @@ def test_an_image_without_detection_says_the_highest_score(
     assert max(d["score"] for d in written["detections"]) == pytest.approx(
         float(match[1]), abs=0.005
     )
+
+
+def test_many_images_without_detection_are_counted(
+    checkpoints: dict, image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.png").write_bytes(image.read_bytes())
+    with caplog.at_level(logging.INFO, logger="src.predict"):
+        records = predict(
+            compose_config(
+                "predict",
+                [f"ckpt_path={checkpoints['new']}", f"image={folder}", f"output_dir={tmp_path}",
+                 "threshold=1.0"],
+            )
+        )  # fmt: skip
+    assert len(records) == 12
+    named = _said(caplog, "highest score")
+    assert [r.getMessage().split(":")[0] for r in named] == [f"{i:02d}.png" for i in range(10)]
+    (summary,) = _said(caplog, "images have no detection")
+    assert summary.getMessage() == (
+        "12 of 12 images have no detection above 1.00 (the first 10 are listed above)"
+    )
+
+
+def test_a_validation_without_detection_keeps_a_record_without_threshold(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    from types import SimpleNamespace
+
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            tmp_path, banana_data_dir, "model.net.num_classes=1", "model.class_names=[banana]"
+        ),
+    )
+    module = instantiate(cfg.model)
+    module.trainer = SimpleNamespace(sanity_checking=False, current_epoch=2, global_step=7)
+    voc = module.metrics_of("val")["voc"]
+    none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0).long()}
+    voc.update([none], [{"boxes": torch.tensor([[1.0, 1, 9, 9]]), "labels": torch.tensor([0])}])
+    module._log_f1_threshold("val", voc)
+    assert module.score_threshold == {
+        "value": None,
+        "f1": 0.0,
+        "precision": None,
+        "recall": 0.0,
+        "iou_threshold": 0.5,
+        "epoch": 2,
+        "global_step": 7,
+        "reason": "the validation had no detection or no ground truth",
+    }
+    saved: dict = {"state_dict": {}, "global_step": 7}
+    module.on_save_checkpoint(saved)
+    assert saved["score_threshold"]["value"] is None
+    # the pictures then fall back to their own threshold
+    from src.callbacks.pictures import DetectionGridCallback
+
+    assert DetectionGridCallback().threshold(module) == (0.3, "")

@@ -274,7 +274,7 @@ def test_predict_uses_the_checkpoint_threshold(
         records = predict(cfg)
     said = [r.getMessage() for r in caplog.records if "Score threshold" in r.getMessage()]
     assert said == [
-        f"Score threshold {stored['value']:g}, the F1-optimal threshold of the checkpoint's "
+        f"Score threshold {stored['value']:.3g}, the F1-optimal threshold of the checkpoint's "
         f"validation (epoch {stored['epoch']}: F1 {stored['f1']:.3f}, precision "
         f"{stored['precision']:.3f}, recall {stored['recall']:.3f} at IoU 0.5, all classes)"
     ]

@@ -157,8 +157,10 @@ class SSDLitModule(LightningModule):
         self.run_config: dict[str, Any] | None = None
         #: the F1-optimal score threshold of the last validation (micro F1 over all classes at
         #: the VOC metric's IoU, 0.5): ``value``, ``f1``, ``precision``, ``recall``, ``epoch``,
-        #: ``global_step``, ``iou_threshold``; None before the first validation or without a VOC
-        #: metric. Stored in checkpoints as ``score_threshold`` (``src.predict`` uses it).
+        #: ``global_step``, ``iou_threshold`` (``value`` None, with a ``reason``, when that
+        #: validation had no detection or no ground truth); None before the first validation or
+        #: without a VOC metric. Stored in checkpoints as ``score_threshold`` (``src.predict``
+        #: uses it).
         self.score_threshold: dict[str, Any] | None = None
 
     def metrics_of(self, stage: str) -> nn.ModuleDict:
@@ -321,26 +323,27 @@ class SSDLitModule(LightningModule):
         threshold (:func:`src.metrics.curves.f1_optimal_threshold`). On validation the result is
         kept in :attr:`score_threshold`, so the checkpoint written after this validation stores
         the threshold of this validation. Nothing is logged when no detection or ground truth
-        gives a threshold (no NaN in the logs).
+        gives a threshold (no NaN in the logs); the kept record then has ``value`` None.
         """
         best = f1_optimal_threshold(voc)
-        keep = stage == "val" and not self.trainer.sanity_checking
-        if best.threshold != best.threshold:  # nan: no detection or no ground truth
-            if keep:
-                self.score_threshold = None
+        found = best.threshold == best.threshold  # nan: no detection or no ground truth
+        if found:
+            self.log(f"{stage}/F1", float(best.f1))
+            self.log(f"{stage}/f1_threshold", float(best.threshold))
+        if stage != "val" or self.trainer.sanity_checking:
             return
-        self.log(f"{stage}/F1", float(best.f1))
-        self.log(f"{stage}/f1_threshold", float(best.threshold))
-        if keep:
-            self.score_threshold = {
-                "value": float(best.threshold),
-                "f1": float(best.f1),
-                "precision": float(best.precision),
-                "recall": float(best.recall),
-                "iou_threshold": float(getattr(voc, "iou_threshold", 0.5)),
-                "epoch": int(self.current_epoch),
-                "global_step": int(self.global_step),
-            }
+        record: dict[str, Any] = {
+            "value": float(best.threshold) if found else None,
+            "f1": float(best.f1),
+            "precision": float(best.precision) if found else None,
+            "recall": float(best.recall),
+            "iou_threshold": float(getattr(voc, "iou_threshold", 0.5)),
+            "epoch": int(self.current_epoch),
+            "global_step": int(self.global_step),
+        }
+        if not found:
+            record["reason"] = "the validation had no detection or no ground truth"
+        self.score_threshold = record
 
     def on_validation_epoch_end(self) -> None:
         """Log loss, class error, bbox MAE, COCO mAP and mAP@0.5 (and the VOC AP)."""

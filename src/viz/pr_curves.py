@@ -171,8 +171,8 @@ def pr_curves_figure(
         use_07_metric: AP in the legend with the VOC07 11-point rule.
 
     Returns:
-        A 3.4-inch-wide matplotlib ``Figure`` (Agg canvas attached); each legend entry is the
-        class name with its AP@0.5.
+        A 3.4-inch-wide matplotlib ``Figure`` (Agg canvas attached); the legend, under the
+        axes in two columns, gives each class name with its AP@0.5.
     """
     names = list(class_names or [])
     entries = []
@@ -186,7 +186,8 @@ def pr_curves_figure(
     entries.sort(key=lambda e: -e[0])
     shown = entries[:max_classes]
     with matplotlib.rc_context(PAPER_RC):
-        fig = Figure(figsize=(HALF_PAGE_WIDTH_IN, 3.0), layout="constrained")
+        rows = (len(shown) + 1) // 2  # the legend's rows, under the axes
+        fig = Figure(figsize=(HALF_PAGE_WIDTH_IN, 3.0 + 0.17 * rows), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         for ap, name, recall, precision in shown:
@@ -203,10 +204,18 @@ def pr_curves_figure(
         hidden = len(entries) - len(shown)
         ax.set_title(
             (title or "Precision/recall per class")
-            + (f" ({hidden} more classes not shown)" if hidden else ""),
+            + (f"\nthe {len(shown)} largest APs of {len(entries)} classes" if hidden else ""),
             fontsize=9,
-            wrap=True,
         )
-        if shown:
-            ax.legend(title="class, AP@0.5", fontsize=8, title_fontsize=8, loc="lower left")
+        if shown:  # under the axes: it never covers a curve
+            fig.legend(
+                title="class, AP@0.5",
+                fontsize=8,
+                title_fontsize=8,
+                loc="outside lower center",
+                ncols=2,
+                frameon=False,
+                columnspacing=1.0,
+                handlelength=1.5,
+            )
     return fig

@@ -101,9 +101,14 @@ def test_pr_curves_figure_by_hand() -> None:
     recall = torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64)
     precision = torch.tensor([1.0, 0.5, 2 / 3], dtype=torch.float64)
     fig = pr_curves_figure([(recall, precision), None], ["cat", "dog"])
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     # area under the envelope: 0.5 * 1 + 0.5 * 2/3 = 0.8333
     assert legend == ["cat 0.833"]
+    # the legend sits under the axes, never over a curve
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.legends[0].get_window_extent(renderer)
+    assert box.y1 <= fig.axes[0].get_window_extent(renderer).y0
     assert fig.axes[0].get_xlabel() == "recall" and fig.axes[0].get_ylabel() == "precision"
     assert smallest_font_at(fig) >= MIN_FONT_PT
 

@@ -149,3 +149,32 @@ def test_detection_pictures_one_card_per_image_at_the_f1_threshold(tmp_path: Pat
     assert event.step == 5 and event.width == 512 and event.height > 512
     with pytest.raises(ValueError, match="score_threshold"):
         DetectionGridCallback(score_threshold=1.5)
+
+
+def test_pr_curve_counts_on_real_voc_detections() -> None:
+    """Real VOC-mini detections: the PR Curves tab ends at the devkit's recall, not at 1."""
+    from benchmarks.voc_mini_map import load_voc_mini
+    from src.data.voc import VOC_CLASSES
+    from tests.conftest import shared_data
+
+    shared_data("voc-mini-detections")
+    targets, preds = load_voc_mini(shared_data())
+    voc = VOCMeanAveragePrecision(class_names=VOC_CLASSES)
+    voc.update(preds, targets)
+    matches = ranked_matches(voc)
+    devkit = voc.pr_curves()
+    assert [m is None for m in matches] == [c is None for c in devkit]
+    missed = 0
+    for m, curve in zip(matches, devkit, strict=True):
+        if m is None:
+            continue
+        counts = pr_curve_counts(m)
+        recall, precision = curve
+        # threshold 0 keeps every detection: the devkit's last point
+        assert counts["recall"][0].item() == pytest.approx(recall[-1].item())
+        assert counts["true_positive_counts"][0] == int(m.tp.sum())
+        assert counts["false_positive_counts"][0] == int(m.fp.sum())
+        assert counts["false_negative_counts"][0] == m.num_pos - int(m.tp.sum())
+        assert bool((counts["recall"][:-1] >= counts["recall"][1:]).all())  # falls with t
+        missed += int(counts["recall"][0] < 1)
+    assert missed > 0  # some objects are never found: their recall never reaches 1
