@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from src.callbacks.console import MetricsProgressBar, StartSummaryCallback
 from src.train import train
 from src.utils.console import task_overrides
-from tests.conftest import compose_config, train_overrides
+from tests.conftest import ROOT, compose_config, train_overrides
 
 USER_OVERRIDES = ["loss=smooth_l1", "loss.sigma=0.5"]
 
@@ -102,3 +103,21 @@ def test_task_overrides_without_hydra(tmp_path: Path) -> None:
         yaml.safe_dump(["loss=focal", "hydra.verbose=true", "+mining=hard_negative"])
     )
     assert task_overrides(tmp_path) == ["loss=focal", "+mining=hard_negative"]
+
+
+def test_library_warnings_go_to_the_log_file_only(caplog: pytest.LogCaptureFixture) -> None:
+    """report_errors routes warnings to ``py.warnings``, which Hydra sends to the file only."""
+    import warnings
+
+    from src.utils.errors import warnings_to_log
+
+    with caplog.at_level(logging.WARNING, logger="py.warnings"), warnings_to_log():
+        warnings.warn("a library's advice", UserWarning, stacklevel=1)
+    assert [r.name for r in caplog.records] == ["py.warnings"]
+    assert "a library's advice" in caplog.records[0].getMessage()
+    hydra_logging = yaml.safe_load((ROOT / "conf/hydra/default.yaml").read_text())["job_logging"]
+    assert hydra_logging["loggers"]["py.warnings"] == {
+        "level": "WARNING",
+        "handlers": ["file"],
+        "propagate": False,
+    }
