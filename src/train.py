@@ -178,7 +178,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ``<run>/config.yaml``.
 
     Raises:
-        DivergedError: the loss or the weights became non-finite (nothing non-finite is saved).
+        DivergedError: the loss, the weights, or the outputs or metrics of a validation (the
+            sanity check included) became non-finite (nothing non-finite is saved).
         RunInterruptedError: SIGTERM or SIGINT stopped training (``last.ckpt`` was saved).
         CheckpointMismatchError: ``ckpt_path`` holds another network.
         NotACheckpointError: ``ckpt_path`` is not a checkpoint written by ``src.train``
@@ -271,7 +272,14 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = finished if finished is not None else train(cfg)[0]
     except DivergedError as err:
-        write_status(run_dir, "diverged", message=str(err), step=err.step, terms=err.terms)
+        write_status(
+            run_dir,
+            "diverged",
+            message=str(err),
+            step=err.step,
+            terms=err.terms,
+            seen_in=err.seen_in,
+        )
         raise
     except RunInterruptedError as err:
         write_status(run_dir, "interrupted", signal=err.signal_name, checkpoint=err.ckpt_path)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -15,6 +16,33 @@ from src.detection.box_ops import to_pixels
 log = logging.getLogger(__name__)
 
 __all__ = ["CocoResultsCallback"]
+
+
+def _finite_detections(pred: dict[str, Any]) -> dict[str, Any]:
+    """``pred`` without the detections whose box or score is NaN or infinite (logged).
+
+    JSON has no NaN: such a detection (a diverged net's) would make ``detections.json``
+    unreadable by ``json`` and ``pycocotools``.
+
+    Args:
+        pred: ``boxes: Tensor[N, 4]`` pixel xyxy, ``scores: Tensor[N]``, ``labels: Tensor[N]``
+            (other per-detection tensors of length ``N`` are filtered alike).
+
+    Returns:
+        ``pred`` itself when every detection is finite, else a new dict of the finite ones.
+    """
+    keep = torch.isfinite(pred["boxes"].reshape(-1, 4)).all(dim=1) & torch.isfinite(pred["scores"])
+    if bool(keep.all()):
+        return pred
+    log.warning(
+        "Left %d detections with a non-finite box or score out of the results file",
+        int((~keep).sum()),
+    )
+    n = keep.numel()
+    return {
+        k: v[keep] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+        for k, v in pred.items()
+    }
 
 
 class CocoResultsCallback(Callback):
@@ -57,6 +85,7 @@ class CocoResultsCallback(Callback):
             return
         ids = [int(t.get("coco_image_id", t.get("image_id", 0))) for t in targets]
         preds = [{k: v.detach().cpu() for k, v in p.items()} for p in to_pixels(outputs, targets)]
+        preds = [_finite_detections(p) for p in preds]
         self.results += coco_results(preds, ids, self._lookup(trainer, pl_module))
         self.preds += preds
         keys = ("boxes", "labels", "difficult", "iscrowd")

@@ -25,7 +25,12 @@ from src.metrics import BBoxMAE, ClassError, DetectionMeanAveragePrecision
 from src.metrics.curves import f1_optimal_threshold
 from src.models.convert import load_initial_weights
 from src.utils.checkpoint import plain_checkpoint
-from src.utils.faults import check_finite_grads, check_finite_loss, check_finite_state
+from src.utils.faults import (
+    check_finite_grads,
+    check_finite_loss,
+    check_finite_state,
+    check_finite_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +254,37 @@ class SSDLitModule(LightningModule):
         metrics["book"].reset()
         metrics["loss"].reset()
 
-    def _eval_step(self, batch: Batch, stage: str) -> list[dict[str, Tensor]]:
+    def _validation_where(self, what: str) -> tuple[str, str]:
+        """``(where, seen_in)`` of a validation's values, for :class:`DivergedError`."""
+        if getattr(self._trainer, "sanity_checking", False):
+            return f"the sanity-check validation before training ({what})", "sanity check"
+        return f"the validation of epoch {self.current_epoch} ({what})", "validation"
+
+    def _eval_step(self, batch: Batch, stage: str, batch_idx: int = 0) -> list[dict[str, Tensor]]:
         images, targets = batch
         out, encoded, losses = self.model_step(batch)
+        with torch.autocast(images.device.type, enabled=False):  # float32 decoding and NMS
+            detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
+        if stage == "val":  # before any metric, picture or checkpoint sees them
+            where, seen_in = self._validation_where(f"batch {batch_idx}")
+            check_finite_values(
+                {
+                    "loss": losses.loss,
+                    "cls_loss": losses.cls_loss,
+                    "box_loss": losses.box_loss,
+                    "cls_logits": out.cls_logits,
+                    "box_deltas": out.box_deltas,
+                    "boxes": torch.cat([d["boxes"].reshape(-1, 4) for d in detections]),
+                    "scores": torch.cat([d["scores"].reshape(-1) for d in detections]),
+                },
+                self.global_step,
+                where,
+                seen_in,
+            )
         metrics = self.metrics_of(stage)
         metrics["book"]["class_err"].update(out.cls_logits, encoded.cls_labels)
         metrics["book"]["bbox_mae"].update(out.box_deltas, encoded.box_offsets, encoded.pos_mask)
         metrics["loss"].update(losses.loss, images.shape[0])
-        with torch.autocast(images.device.type, enabled=False):  # float32 decoding and NMS
-            detections = self.postprocess(out.cls_logits, out.box_deltas, out.anchors)
         pixel_dets = to_pixels(detections, targets)
         pixel_gts = to_pixels(
             [
@@ -286,8 +313,15 @@ class SSDLitModule(LightningModule):
         return detections
 
     def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
-        """Loss, book metrics and mAP on one validation batch; returns the detections."""
-        return self._eval_step(batch, "val")
+        """Loss, book metrics and mAP on one validation batch; returns the detections.
+
+        Raises:
+            DivergedError: a loss, the net's outputs (``cls_logits``, ``box_deltas``) or the
+                decoded detections (``boxes``, ``scores``) are not finite, in a validation or
+                the sanity check before training (before any callback draws them or a
+                checkpoint is written).
+        """
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
         """Loss, book metrics and mAP on one test batch; returns the detections."""
@@ -301,6 +335,8 @@ class SSDLitModule(LightningModule):
         values[f"{stage}/mAP"] = maps["map"]
         values[f"{stage}/mAP_50"] = maps["map_50"]
         values[f"{stage}/mAP_75"] = maps["map_75"]
+        if stage == "val":  # COCO mAP is -1, not nan, without ground truth
+            check_finite_values(values, self.global_step, *self._validation_where("its metrics"))
         self.log_dict(values, prog_bar=False)
         if "voc" in metrics:
             voc = metrics["voc"]
@@ -346,7 +382,12 @@ class SSDLitModule(LightningModule):
         self.score_threshold = record
 
     def on_validation_epoch_end(self) -> None:
-        """Log loss, class error, bbox MAE, COCO mAP and mAP@0.5 (and the VOC AP)."""
+        """Log loss, class error, bbox MAE, COCO mAP and mAP@0.5 (and the VOC AP).
+
+        Raises:
+            DivergedError: one of these values (the VOC AP aside: nan when the data have no
+                ground truth) is not finite; nothing is logged then.
+        """
         self._log_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:

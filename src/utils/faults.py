@@ -1,8 +1,9 @@
 """Runs that fail loudly and resume exactly: divergence, signals, RNG state, run status.
 
 * :class:`DivergedError`: raised by the Lightning module when the loss is not finite (before the
-  optimiser step, so the weights stay finite) and when a checkpoint would hold non-finite
-  weights (before the file is written).
+  optimiser step, so the weights stay finite), when a checkpoint would hold non-finite
+  weights (before the file is written), and when the outputs, losses or metrics of a validation
+  (the sanity check before training included) are not finite (:func:`check_finite_values`).
 * :func:`rng_states` / :func:`set_rng_states`: the Python, NumPy and torch random states that
   :class:`src.callbacks.faults.ResumeCallback` keeps in checkpoints.
 * :class:`RunInterruptedError`: raised after SIGTERM or SIGINT by
@@ -36,6 +37,7 @@ __all__ = [
     "check_finite_grads",
     "check_finite_loss",
     "check_finite_state",
+    "check_finite_values",
     "current_sweep_dir",
     "read_status",
     "resume_command",
@@ -54,14 +56,21 @@ class DivergedError(RuntimeError):
     Attributes:
         step: the global step at which it happened (``None`` when unknown).
         terms: the loss terms at that step (name -> value).
+        seen_in: where the non-finite values were first seen: ``training`` (loss, gradients,
+            weights), ``validation`` or ``sanity check`` (the validation before training).
     """
 
     def __init__(
-        self, message: str, step: int | None = None, terms: Mapping[str, float] | None = None
+        self,
+        message: str,
+        step: int | None = None,
+        terms: Mapping[str, float] | None = None,
+        seen_in: str = "training",
     ):
         super().__init__(message)
         self.step = step
         self.terms = dict(terms or {})
+        self.seen_in = seen_in
 
 
 class RunInterruptedError(RuntimeError):
@@ -83,6 +92,13 @@ class RunInterruptedError(RuntimeError):
 _ADVICE = (
     "try a lower model.optimizer.lr, smaller loss weights (loss.box_weight, loss.cls_weight), "
     "trainer.gradient_clip_val=1.0, or a warm-up (see conf/experiment/voc_ssd300.yaml)"
+)
+
+
+_SANITY_ADVICE = (
+    "check the weights training starts from (ckpt_path, model.init_from) and the input data; "
+    "if they come from a run that was about to diverge, resume from an earlier checkpoint or "
+    + _ADVICE
 )
 
 
@@ -160,6 +176,60 @@ def check_finite_grads(named_grads: Mapping[str, torch.Tensor], step: int) -> No
         f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was not applied and "
         f"no checkpoint was written from it. To continue: {_ADVICE}.",
         step=step,
+    )
+
+
+def check_finite_values(
+    values: Mapping[str, torch.Tensor | float],
+    step: int,
+    where: str,
+    seen_in: str = "validation",
+) -> None:
+    """Raise :class:`DivergedError` if a value is NaN or infinite (one fused check, one sync).
+
+    For what the net computes outside training steps: the outputs, losses and metrics of a
+    validation. Tensors of any shape (an empty one is finite) and Python floats mix freely.
+
+    Args:
+        values: name -> ``Tensor[...]`` float (e.g. ``cls_logits: Tensor[B, A, C + 1]``,
+            ``box_deltas: Tensor[B, A, 4]``, ``boxes: Tensor[N, 4]`` normalised xyxy,
+            ``scores: Tensor[N]``) or a scalar (a loss or metric value).
+        step: the global step, for the message.
+        where: where the values were seen, for the message (e.g. ``the validation of epoch 1,
+            batch 0``).
+        seen_in: :attr:`DivergedError.seen_in`: ``validation`` (the message ends with
+            training's advice) or ``sanity check`` (the weights training starts from give
+            non-finite outputs: the message says to check them first).
+
+    Raises:
+        DivergedError: naming the step, where, each non-finite tensor with its count of NaN
+            and infinite values, every scalar's value (also in ``terms``) and what to try.
+    """
+    tensors = {k: torch.as_tensor(v).detach() for k, v in values.items()}
+    if not tensors:
+        return
+    device = next(iter(tensors.values())).device
+    ok = torch.stack([torch.isfinite(t).all().to(device) for t in tensors.values()])
+    if bool(ok.all()):
+        return
+    terms = {k: float(t) for k, t in tensors.items() if t.numel() == 1}
+    bad = []
+    for name, t in tensors.items():  # loop over the few named values only
+        if t.numel() == 1:
+            if not math.isfinite(terms[name]):
+                bad.append(f"{name}={terms[name]}")
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            kinds = ", ".join(f"{n:,} {k}" for n, k in ((nan, "nan"), (inf, "inf")) if n)
+            bad.append(f"{name} ({kinds} of {t.numel():,} values)")
+    raise DivergedError(
+        f"training diverged at global step {step}: non-finite values in {where}: "
+        f"{', '.join(bad)}. No checkpoint was written from this state. To continue: "
+        f"{_SANITY_ADVICE if seen_in == 'sanity check' else _ADVICE}.",
+        step=step,
+        terms=terms,
+        seen_in=seen_in,
     )
 
 

@@ -275,11 +275,22 @@ def _show(ax: Any, image: Tensor) -> tuple[int, int]:
 
 
 def _boxes(ax: Any, boxes: Tensor, size: tuple[int, int], **style: Any) -> None:
-    """Draw normalised xyxy ``boxes[N, 4]`` as rectangle outlines (one collection, no loop)."""
+    """Draw normalised xyxy ``boxes[N, 4]`` as rectangle outlines (one collection, no loop).
+
+    Boxes with a NaN or infinite coordinate (a diverged net's) are left out, with their entry
+    of a per-box ``edgecolors`` array.
+    """
+    boxes = boxes.reshape(-1, 4)
+    finite = torch.isfinite(boxes).all(dim=1)
+    if not bool(finite.all()):
+        boxes = boxes[finite]
+        colors = style.get("edgecolors")
+        if isinstance(colors, np.ndarray) and colors.ndim == 2 and len(colors) == len(finite):
+            style = {**style, "edgecolors": colors[finite.numpy()]}
     if boxes.numel() == 0:
         return
     height, width = size
-    px = boxes.reshape(-1, 4).float() * torch.tensor([width, height, width, height])
+    px = boxes.float() * torch.tensor([width, height, width, height])
     x0, y0, x1, y1 = px.unbind(-1)
     verts = torch.stack(
         (
@@ -303,10 +314,15 @@ def crop_windows(boxes: Tensor, margin: float = 0.15, min_size: float = 0.3) -> 
 
     Returns:
         ``Tensor[P, 4]`` normalised xyxy windows, square where the image allows, inside
-        ``[0, 1]`` (shifted, not cut, when they cross an edge).
+        ``[0, 1]`` (shifted, not cut, when they cross an edge). Boxes with a NaN or infinite
+        coordinate are left out; a row without a finite box gets the whole image.
     """
-    lo = boxes[..., :2].amin(dim=1)
-    hi = boxes[..., 2:].amax(dim=1)
+    finite = torch.isfinite(boxes).all(dim=-1, keepdim=True)  # [P, K, 1]
+    lo = torch.where(finite, boxes[..., :2], torch.inf).amin(dim=1)
+    hi = torch.where(finite, boxes[..., 2:], -torch.inf).amax(dim=1)
+    empty = ~finite.any(dim=1)  # [P, 1]
+    lo = torch.where(empty, 0.0, lo)
+    hi = torch.where(empty, 1.0, hi)
     center = (lo + hi) / 2
     side = (hi - lo).amax(dim=-1, keepdim=True) * (1 + 2 * margin)
     side = side.clamp(min=min_size, max=1.0)
@@ -377,6 +393,8 @@ def anchor_panels_figure(
             _boxes(ax, analysis.gt_boxes, size, edgecolors=GT_COLOR, linewidths=2)
             ax.set_title("no positive anchor", fontsize=9)
         stacked = torch.stack((analysis.matched_boxes, analysis.anchors, analysis.pred_boxes), 1)
+        # a non-finite coordinate (a diverged net's) stays non-finite: crop_windows skips it
+        stacked = stacked.where(torch.isfinite(stacked), torch.nan)
         windows = crop_windows(stacked.clamp(0, 1)) if n else stacked.new_zeros(0, 4)
         for k in range(n):  # one axes per panel (matplotlib draws axes one by one)
             ax = axes.flat[k]
@@ -452,10 +470,11 @@ def negatives_figure(
         ax = fig.subplots()
         shape = _show(ax, analysis.image)
         losses = analysis.negative_cls_loss
-        cmap = colormaps["autumn_r"]
+        cmap = colormaps["autumn_r"].with_extremes(bad="grey")  # bad: a nan loss
+        finite = losses[torch.isfinite(losses)]  # a diverged net's nan/inf: the colour ends
         norm = Normalize(
-            float(losses.min()) if losses.numel() else 0.0,
-            float(losses.max()) if losses.numel() else 1.0,
+            float(finite.min()) if finite.numel() else 0.0,
+            float(finite.max()) if finite.numel() else 1.0,
         )
         # Weakest first so that the hardest negatives are drawn on top.
         colors = cmap(norm(losses.flip(0).numpy()))

@@ -120,7 +120,7 @@ def draw_detections(
 
     Labels never overlap: the ground truth's are written first, then the predictions' by
     decreasing score; a label that would cover one already written is left out (its box is
-    drawn).
+    drawn). Boxes with a NaN or infinite coordinate or score (a diverged net's) are not drawn.
 
     Args:
         image: ``Tensor[3, H, W]``, float in [0, 1] or uint8.
@@ -143,13 +143,16 @@ def draw_detections(
     font = _font(font_size or font_size_for(height, width_px))
     placed: list[tuple[int, int, int, int]] = []
     if target is not None and len(target["boxes"]):
-        boxes = scale_boxes(target["boxes"].detach().cpu().float(), width_px, height)
-        texts = _label_text(target["labels"].cpu(), None, class_names)
+        boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
+        finite = torch.isfinite(boxes).all(dim=1)
+        boxes = scale_boxes(boxes[finite], width_px, height)
+        texts = _label_text(target["labels"].cpu().reshape(-1)[finite], None, class_names)
         size = (height, width_px)
         _draw(draw, boxes, texts, TRUE_COLOR, TEXT_ON_TRUE, width, font, size, True, placed)
     if pred is not None and len(pred["boxes"]):
         scores = pred["scores"].detach().cpu()
-        keep = scores >= score_threshold
+        finite = torch.isfinite(pred["boxes"].detach().cpu()).all(dim=1) & torch.isfinite(scores)
+        keep = (scores >= score_threshold) & finite
         if max_boxes is not None and int(keep.sum()) > max_boxes:
             top = torch.topk(torch.where(keep, scores, -1.0), int(max_boxes)).indices
             keep = torch.zeros_like(keep).index_fill_(0, top, True)

@@ -77,12 +77,18 @@ def ranked_matches(metric: object) -> list[RankedMatches | None]:
     Returns:
         One :class:`RankedMatches` per class ``0..C-1`` (``C``: ``metric.num_classes``, else
         ``1 +`` the largest label seen), None for a class without non-difficult ground truth.
+        Detections with a NaN or infinite box or score (a diverged net's) are left out: they
+        can be neither ranked nor matched.
     """
     f64, i64 = torch.float64, torch.int64
     det_boxes, gt_boxes = _state(metric, "det_boxes", f64, 4), _state(metric, "gt_boxes", f64, 4)
     det_scores = _state(metric, "det_scores", f64)
     det_labels, gt_labels = _state(metric, "det_labels", i64), _state(metric, "gt_labels", i64)
     det_images, gt_images = _state(metric, "det_images", i64), _state(metric, "gt_images", i64)
+    finite = torch.isfinite(det_boxes).all(dim=1) & torch.isfinite(det_scores)
+    if not bool(finite.all()):
+        det_boxes, det_scores = det_boxes[finite], det_scores[finite]
+        det_labels, det_images = det_labels[finite], det_images[finite]
     difficult = _state(metric, "gt_difficult", torch.bool)
     count = getattr(metric, "num_classes", None)
     if count is None:
@@ -172,7 +178,8 @@ def pr_curves_figure(
 
     Returns:
         A 3.4-inch-wide matplotlib ``Figure`` (Agg canvas attached); the legend, under the
-        axes in two columns, gives each class name with its AP@0.5.
+        axes in two columns, gives each class name with its AP@0.5. Points with a NaN or
+        infinite recall or precision are left out (of the curve and its AP).
     """
     names = list(class_names or [])
     entries = []
@@ -180,6 +187,8 @@ def pr_curves_figure(
         if curve is None:
             continue
         recall, precision = (t.detach().cpu().double() for t in curve)
+        finite = torch.isfinite(recall) & torch.isfinite(precision)
+        recall, precision = recall[finite], precision[finite]
         ap = float(voc_ap(recall, precision, use_07_metric)) if recall.numel() else 0.0
         name = names[c] if c < len(names) else str(c)
         entries.append((ap, name, recall, precision))
