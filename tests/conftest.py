@@ -16,9 +16,11 @@ SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-# registers ${run_name:} (conf/logger/tensorboard.yaml) for configs composed and resolved here
-# without importing src.train or src.eval
-import src.utils.hparams  # noqa: E402, F401
+# registers the project's resolvers (${run_name:}, ${cpu_workers:}, ...) for configs composed and
+# resolved here without importing src.train or src.eval
+from src.utils.config import register_resolvers  # noqa: E402
+
+register_resolvers()
 
 
 def shared_data(*parts: str) -> Path:

@@ -112,3 +112,14 @@ def test_memory_format_is_the_backbones_choice(
     module = instantiate(OmegaConf.to_container(cfg.model, resolve=True), class_names=None)
     conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) is wide
+
+
+def test_cpu_workers_never_exceeds_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from src.utils.config import cpu_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [cpu_workers(n) for n in (0, 1, 2, 4, "8")] == [0, 1, 2, 2, 2]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_workers(4) == 4

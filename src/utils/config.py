@@ -98,6 +98,24 @@ def auto_channels_last(accelerator: str = "auto", precision: Any = "32-true") ->
     return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
 
 
+def cpu_workers(wanted: int | str) -> int:
+    """``wanted`` DataLoader workers, at most the CPU cores this process may use.
+
+    More workers than cores only adds processes fighting for them (PyTorch warns about it).
+
+    Args:
+        wanted: the number of workers asked for.
+
+    Returns:
+        ``min(wanted, usable cores)``, at least 0.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(int(wanted), cores))
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers once.
 
@@ -108,6 +126,8 @@ def register_resolvers() -> None:
       natively, else ``32-true`` (``conf/trainer/default.yaml``).
     * ``${auto_channels_last:ACCELERATOR,PRECISION}``: the memory format of the VGG16 backbones
       (:func:`auto_channels_last`, ``conf/backbone/vgg16.yaml``).
+    * ``${cpu_workers:N}``: N DataLoader workers, at most the usable CPU cores
+      (:func:`cpu_workers`, ``conf/data/_loader.yaml``).
     * ``${run_name:RUN_DIR}``: a TensorBoard run name built from the run's overrides
       (``conf/logger/tensorboard.yaml``, :func:`src.utils.hparams.run_dir_name`).
     """
@@ -119,6 +139,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
     if not OmegaConf.has_resolver("auto_channels_last"):
         OmegaConf.register_new_resolver("auto_channels_last", auto_channels_last)
+    if not OmegaConf.has_resolver("cpu_workers"):
+        OmegaConf.register_new_resolver("cpu_workers", cpu_workers)
     # ${run_name:} (TensorBoard run names from the overrides) is registered when
     # src.utils.hparams is imported
     import src.utils.hparams  # noqa: F401
