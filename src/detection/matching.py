@@ -19,34 +19,36 @@ every anchor, the index of its ground truth or ``-1`` (background).
    in order ``j = 0, 1, ...``, so that a later ground truth wins an anchor that is the best of
    several.
 
-**How it is computed.** A few tensor operations over the whole batch (see
-:class:`BoxIoUTable`): the IoU is computed for the valid ground truths only (``[N, A]``, in
-place), and the only other full pass takes per-chunk maxima (``A`` is cut into chunks of ``S``
-anchors):
+**How it is computed.** A few tensor operations over the whole batch, and no ``[N, A]`` IoU
+matrix: ``A`` is cut into chunks of ``S`` consecutive anchors, and :class:`BoxIoUTable` keeps,
+per valid ground truth and chunk, a *key*: a cheap upper bound of the chunk's maximum IoU (from
+the chunk's bounding box and area range), replaced by the exact maximum where a step needs it.
+IoUs are computed (bit-identical to the book's ``box_iou``) only for the chunks a step reads:
 
 * *threshold step*: an anchor that reaches the threshold has its best entry among the entries
-  ``>= threshold``, which lie in the chunks whose maximum reaches it; only those chunks are read
-  (a few percent of the table), and one scatter picks each anchor's first maximum;
+  ``>= threshold``, which lie in the chunks whose maximum reaches it; the chunks whose key
+  reaches it get exact maxima, only those reaching it are read (a few percent of the entries),
+  and one scatter picks each anchor's first maximum;
 * *best anchors of a ground truth*: the first ``k`` entries of a row in the order
   ``(value descending, anchor ascending)`` lie in the first ``k`` chunks in the order
   ``(chunk maximum descending, chunk ascending)`` (if an entry's chunk is not among them, ``k``
-  chunks each hold a distinct entry that comes before it); so ``k`` chunks are picked from the
-  ``[N, C]`` chunk maxima and the entries from the ``[N, k * S]`` gathered chunks, each with an
-  exact tie-aware selection (:func:`_first_k`);
+  chunks each hold a distinct entry that comes before it). Bounds do not spoil this when the
+  maxima are exact from a *floor* at most the row's ``k``-th entry up (a chunk whose bound is
+  below the floor holds no such entry and ranks after every chunk that does); the floor is the
+  ``k``-th entry of the chunks with the highest keys. So ``k`` chunks are picked from the
+  ``[N, C]`` keys and the entries from the ``[N, k * S]`` gathered chunks, each with an exact
+  tie-aware selection (:func:`_first_k`);
 * *the greedy step, first without rounds*: where an image's valid ground truths have distinct
   first-argmax anchors, each takes its own (see :func:`_greedy_on_candidates`); only the other
-  images go on to the candidate set below;
-* *the greedy step on a small candidate set*: when ground truth ``g`` is picked by the greedy,
-  at most ``G - 1`` anchors are discarded, and discarding only lowers entries of column ``g``, so
-  its anchor is among the first ``G`` entries of its column. Restricting the greedy to the rows
-  ``U`` = the union of these candidates gives the same picks: by induction, the full greedy's
-  next pick lies in ``U`` and is first in the full matrix, hence first in the restricted one.
-  The restricted ``[B, G, |U| <= G * G]`` problem is solved by rounds of *mutual best pairs*.
+  images go on to the rounds below;
+* *the greedy step in rounds of mutual best pairs*: each open ground truth knows its first
+  argmax over the open anchors from a ranked list of its best anchors (at first its first
+  argmax alone; a list whose anchors are all taken is replaced by a 4 times longer one), and
+  each round reads the ``[B, G, G]`` IoUs of these anchors with the image's ground truths.
 
-**Mutual pairs.** On the current matrix (assigned rows/columns and padding set to ``-1``),
-``(a, g)`` is a mutual pair when ``g`` is the first argmax of row ``a``, ``a`` is the first argmax
-of column ``g`` (columns of the candidate matrix are sorted by anchor index) and
-``J[a, g] >= 0``. Each round assigns all mutual pairs at once and discards their rows and
+**Mutual pairs.** On the open matrix (assigned anchors and ground truths and padding removed),
+``(a, g)`` is a mutual pair when ``g`` is the first argmax of row ``a`` and ``a`` is the first
+argmax of column ``g``. Each round assigns all mutual pairs at once and discards their rows and
 columns. Why this equals the sequential greedy: order the entries by ``(value descending, a
 ascending, g ascending)``; the flattened ``argmax`` picks the first entry in this total order,
 and restricted to one row (column) the order is "value descending, then lowest index", i.e. a
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -109,21 +112,37 @@ def _box_iou(
     """
     gx1, gy1, gx2, gy2 = g
     ax1, ay1, ax2, ay2 = a
-    width = (torch.minimum(gx2, ax2) - torch.maximum(gx1, ax1)).clamp_(min=0)
-    height = (torch.minimum(gy2, ay2) - torch.maximum(gy1, ay1)).clamp_(min=0)
-    inter = width.mul_(height)
-    union = (ax2 - ax1) * (ay2 - ay1) + (gx2 - gx1) * (gy2 - gy1)
+    return _iou_with_areas(
+        (gx1, gy1, gx2, gy2, (gx2 - gx1) * (gy2 - gy1)),
+        (ax1, ay1, ax2, ay2, (ax2 - ax1) * (ay2 - ay1)),
+    )
+
+
+def _iou_with_areas(g: Sequence[Tensor], a: Sequence[Tensor]) -> Tensor:
+    """:func:`_box_iou` from ``(x1, y1, x2, y2, area)`` of each side (areas computed by the caller).
+
+    The areas must be ``(x2 - x1) * (y2 - y1)``; the result is a new tensor of the broadcast
+    shape, bit-identical to the book's ``box_iou`` (NaN not replaced).
+    """
+    gx1, gy1, gx2, gy2, area_g = g
+    ax1, ay1, ax2, ay2, area_a = a
+    # every result below has the broadcast shape of both sides, so the in-place steps are safe
+    inter = torch.minimum(gx2, ax2)
+    tmp = torch.maximum(gx1, ax1)
+    inter.sub_(tmp).clamp_(min=0)  # intersection width
+    height = torch.minimum(gy2, ay2)
+    height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
+    inter.mul_(height)
+    union = torch.add(area_a, area_g, out=height)  # the book's order: area_a + area_g - inter
     return inter.div_(union.sub_(inter))
 
 
 class _AnchorColumns(NamedTuple):
     """What the IoU needs of ``anchors[A, 4]`` (xyxy) in one dtype, computed once per anchors."""
 
-    x1: Tensor  # [A] contiguous
-    y1: Tensor
-    x2: Tensor
-    y2: Tensor
-    area: Tensor  # [A] (x2 - x1) * (y2 - y1)
+    flat: Tensor  # [A, 5]: x1, y1, x2, y2, area = (x2 - x1) * (y2 - y1)
+    chunks: Tensor  # [C, 5, S]: the same by chunks of S anchors (the last padded with anchor A-1)
+    bounds: Tensor  # [6, C]: per chunk min x1, min y1, max x2, max y2, min area, max area
     proper: bool  # finite with positive sides, so that no union is 0
 
 
@@ -132,7 +151,7 @@ _last_anchors: tuple[weakref.ref[Tensor], int, torch.dtype, _AnchorColumns] | No
 
 
 def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
-    """:class:`_AnchorColumns` of ``anchors[A, 4]`` in ``dtype``.
+    """:class:`_AnchorColumns` of ``anchors[A, 4]`` (``A >= 1``) in ``dtype``.
 
     Models pass the same cached anchors every step, so the last answer is kept while that tensor
     lives unchanged (same object, same version counter, same dtype asked).
@@ -149,10 +168,18 @@ def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
         and cached[2] == dtype
     ):
         return cached[3]
+    num_anchors = anchors.shape[0]
+    chunk = _chunk_size(num_anchors)
+    num_chunks = -(-num_anchors // chunk)
     # + 0.0: no -0.0 coordinate, so that no IoU is -0.0 (see ``BoxIoUTable.nonnegative``)
     x1, y1, x2, y2 = (c + 0.0 for c in anchors.to(dtype).unbind(-1))
     proper = bool(torch.isfinite(anchors).all() and ((x2 > x1) & (y2 > y1)).all())
-    columns = _AnchorColumns(x1, y1, x2, y2, (x2 - x1) * (y2 - y1), proper)
+    flat = torch.stack((x1, y1, x2, y2, (x2 - x1) * (y2 - y1)), dim=1)  # [A, 5]
+    padded = torch.cat((flat, flat[-1:].expand(num_chunks * chunk - num_anchors, 5)))
+    chunks = padded.view(num_chunks, chunk, 5).transpose(1, 2).contiguous()  # [C, 5, S]
+    low, high = chunks.amin(dim=2), chunks.amax(dim=2)  # [C, 5]
+    bounds = torch.stack((low[:, 0], low[:, 1], high[:, 2], high[:, 3], low[:, 4], high[:, 4]))
+    columns = _AnchorColumns(flat, chunks, bounds, proper)
     if trackable:
         _last_anchors = (weakref.ref(anchors), anchors._version, dtype, columns)
     return columns
@@ -161,11 +188,13 @@ def _anchor_columns(anchors: Tensor, dtype: torch.dtype) -> _AnchorColumns:
 class IoUTable:
     """Read access to the IoU of ``B x G`` ground truths with ``A`` anchors, for the matchers.
 
-    The IoU is stored as ``R`` rows of ``C * chunk`` anchors (``C = ceil(A / chunk)`` chunks of
-    consecutive anchors; an anchor index ``a >= A`` reads as IoU ``-1``); ``row_of[b, g]`` is the
-    row of ground truth ``g`` of image ``b``. Rows of padding ground truths read 0, below every
-    threshold, and the other steps mask them. Subclasses: :class:`DenseIoUTable` (a given
-    ``[B, G, A]`` matrix) and :class:`BoxIoUTable` (computed from boxes, valid rows only).
+    The IoU has ``R`` rows (``row_of[b, g]`` is the row of ground truth ``g`` of image ``b``) of
+    ``C * chunk`` anchors: ``C = ceil(A / chunk)`` chunks of consecutive anchors, an anchor index
+    ``a >= A`` reading as IoU ``-1``. Rows of padding ground truths read 0, below every
+    threshold, and the other steps mask them. The matchers read it through :meth:`chunk_keys`
+    (per chunk maxima), :meth:`chunk_values` and :meth:`row_values`. Subclasses:
+    :class:`DenseIoUTable` (a given ``[B, G, A]`` matrix) and :class:`BoxIoUTable` (computed from
+    boxes where needed).
     """
 
     batch: int
@@ -176,7 +205,6 @@ class IoUTable:
     row_of: Tensor  # [B, G] int64
     row_image: Tensor  # [R] int64: the image of each row (padding rows: any value)
     row_gt: Tensor  # [R] int64: the ground truth of each row (padding rows: any value)
-    buffer: Tensor  # [R, C * chunk] float, -1 past the last anchor
     #: every IoU is +0.0 or positive (then -1, past the last anchor, is the only negative value)
     nonnegative: bool = False
 
@@ -185,17 +213,43 @@ class IoUTable:
         """``C = ceil(A / chunk)``."""
         return -(-self.num_anchors // self.chunk)
 
-    def row_chunk_max(self) -> Tensor:
-        """``Tensor[R, C]``: each row's maximum IoU within each chunk of anchors (computed once)."""
-        cached = getattr(self, "_chunk_max", None)
-        if cached is None:
-            cached = self.buffer.view(-1, self.num_chunks, self.chunk).amax(dim=2)
-            self._chunk_max = cached
-        return cached
+    def chunk_keys(self, floor: Tensor | float | None = None, rows: Tensor | None = None) -> Tensor:
+        """Per row and chunk, the chunk's maximum IoU wherever it reaches ``floor``.
+
+        Args:
+            floor: ``float`` or ``Tensor[R']`` (one per row of ``rows``); ``None``: no new
+                computation.
+            rows: ``Tensor[R']`` int64 rows; ``None``: all ``R`` rows.
+
+        Returns:
+            ``Tensor[R', C]`` float: the exact maximum of a chunk whenever that maximum is
+            ``>= floor`` (so a key ``>= floor`` is always exact); any other key is an upper bound
+            of the chunk's maximum that is ``< floor`` (or exact).
+
+        """
+        raise NotImplementedError
+
+    def chunk_values(self, rows: Tensor, chunks: Tensor) -> Tensor:
+        """``Tensor[K, S]``: the IoU of row ``rows[i]`` at the anchors of chunk ``chunks[i]``."""
+        raise NotImplementedError
 
     def row_values(self, row: Tensor, a: Tensor) -> Tensor:
         """IoU at broadcastable int64 indices (row, anchor ``< C * chunk``)."""
-        return self.buffer.view(-1).take(row * self.width + a)
+        raise NotImplementedError
+
+    def selection_keys(self, rows: Tensor | None, k: int) -> Tensor:
+        """Chunk keys ``Tensor[R', C]`` (all rows if ``rows`` is None) to choose ``k`` chunks from.
+
+        The first ``k`` entries of each row (IoU desc, anchor asc) must lie in its first ``k``
+        chunks in the order (key desc, chunk asc). Exact maxima satisfy this; so do keys that are
+        exact from a floor at most the row's ``k``-th largest entry (bounds below the floor rank
+        after every chunk holding one of those entries).
+        """
+        return self.chunk_keys(float("-inf"), rows)
+
+    def row_chunk_max(self) -> Tensor:
+        """``Tensor[R, C]``: each row's exact maximum IoU within each chunk of anchors."""
+        return self.chunk_keys(float("-inf"))
 
 
 class DenseIoUTable(IoUTable):
@@ -217,17 +271,43 @@ class DenseIoUTable(IoUTable):
         self.buffer = padded.view(self.batch * self.num_gt, self.width)
         self.row_image = self.row_of.flatten() // max(self.num_gt, 1)
         self.row_gt = self.row_of.flatten() % max(self.num_gt, 1)
+        self._chunk_max = self.buffer.view(-1, self.num_chunks, self.chunk).amax(dim=2)
+
+    def chunk_keys(self, floor: Tensor | float | None = None, rows: Tensor | None = None) -> Tensor:
+        """Exact chunk maxima (every floor is met); see :meth:`IoUTable.chunk_keys`."""
+        return self._chunk_max if rows is None else self._chunk_max[rows]
+
+    def chunk_values(self, rows: Tensor, chunks: Tensor) -> Tensor:
+        """See :meth:`IoUTable.chunk_values`."""
+        return self.buffer.view(-1, self.num_chunks, self.chunk)[rows, chunks]
+
+    def row_values(self, row: Tensor, a: Tensor) -> Tensor:
+        """See :meth:`IoUTable.row_values`."""
+        return self.buffer.view(-1).take(row * self.width + a)
+
+
+#: pairs ``(row, chunk)`` per block when chunk maxima are computed (``[block, S]`` temporaries
+#: of about 1 MB stay in the cache)
+_BLOCK_PAIRS = 8192
 
 
 class BoxIoUTable(IoUTable):
     """IoU of ``gt_boxes[B, G, 4]`` (rows where ``valid[B, G]``) with ``anchors[A, 4]``, xyxy.
 
-    Only the ``N`` valid rows are computed, in place in one ``[N + 1, C * S]`` buffer (the last
-    row, all zeros, stands for every padding row); values are bit-identical to the book's
-    ``box_iou`` (NaN, from an empty union, becomes 0), except that a zero IoU is always +0.0
-    (a ``-0.0`` coordinate is read as +0.0, the same number). ``nonnegative`` is True when the
-    boxes are proper (finite, non-negative sides; anchors with positive sides): then every IoU is
-    +0.0 or positive and no NaN arises.
+    Nothing ``[R, A]`` is stored: the rows are the ``N`` valid ground truths and one row for
+    every padding one (the empty box at the origin, IoU 0), and an IoU is computed where a
+    matcher reads it, by the book's ``box_iou`` arithmetic element by element: values are
+    bit-identical to it (NaN, from an empty union, becomes 0), except that a zero IoU is always
+    +0.0 (a ``-0.0`` coordinate is read as +0.0, the same number).
+
+    ``nonnegative`` is True when the boxes are proper (finite, non-negative sides; anchors with
+    positive sides): then every IoU is +0.0 or positive and no NaN arises, and the chunk maxima
+    are computed lazily. A cheap upper bound of every chunk's maximum (``[R, C]``, from the
+    chunk's bounding box and area range: ``IoU <= min(overlap, max area) / max(area_g, min area)``)
+    stands in for the maximum until a matcher needs the exact one (:meth:`chunk_keys`); a chunk
+    whose bounding box misses the ground truth holds only +0.0, exactly. On crowded SSD300
+    images this computes a few percent of the ``R x A`` IoU. Otherwise every maximum is computed
+    on first use.
     """
 
     def __init__(
@@ -236,47 +316,133 @@ class BoxIoUTable(IoUTable):
         valid: Tensor,
         anchors: Tensor,
     ) -> None:
-        dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+        self.dtype = dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
         device = anchors.device
         self.batch, self.num_gt = gt_boxes.shape[:2]
         self.num_anchors = num_anchors = anchors.shape[0]
         self.chunk = _chunk_size(num_anchors)
-        self.width = width = self.num_chunks * self.chunk
+        self.width = self.num_chunks * self.chunk
         b_idx, g_idx = valid.nonzero(as_tuple=True)  # [N] each, image-major
         rows = b_idx.shape[0]
-        # row of the buffer for each (image, gt): its own, or the zero row N for padding
+        # row of the table for each (image, gt): its own, or the empty-box row N for padding
         self.row_of = torch.full((self.batch, self.num_gt), rows, dtype=torch.long, device=device)
         self.row_of[b_idx, g_idx] = torch.arange(rows, device=device)
         self.row_image = torch.cat((b_idx, b_idx.new_full((1,), self.batch)))  # [N + 1]
         self.row_gt = torch.cat((g_idx, g_idx.new_zeros(1)))  # [N + 1]
-        self.buffer = torch.empty((rows + 1, width), dtype=dtype, device=device)
-        self.buffer[rows].zero_()  # the padding row
-        self.buffer[:, num_anchors:] = -1.0  # the end of the last chunk
-        if rows == 0 or num_anchors == 0:
+        gt = torch.zeros((rows + 1, 4), dtype=dtype, device=device)
+        gt[:rows] = gt_boxes[b_idx, g_idx].to(dtype) + 0.0  # -0.0 coordinates become +0.0
+        gx1, gy1, gx2, gy2 = gt.unbind(-1)
+        area_g = (gx2 - gx1) * (gy2 - gy1)
+        self._gt = torch.stack((gx1, gy1, gx2, gy2, area_g), dim=1)  # [N + 1, 5]
+        num_chunks = self.num_chunks
+        if num_anchors == 0:
+            self._anchors = None
+            self._keys = torch.zeros((rows + 1, 0), dtype=dtype, device=device)
+            self._exact = torch.ones((rows + 1, 0), dtype=torch.bool, device=device)
             return
-        gt = gt_boxes[b_idx, g_idx].to(dtype) + 0.0  # [N, 4], -0.0 coordinates become +0.0
-        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt.unbind(-1))
-        ax1, ay1, ax2, ay2, area_a, proper = _anchor_columns(anchors, dtype)  # [A] each
-        # In place, the book's arithmetic: inter / (area_a + area_g - inter).
-        inter = self.buffer[:rows, :num_anchors]  # [N, A] view
-        torch.minimum(gx2, ax2, out=inter)
-        tmp = torch.maximum(gx1, ax1)
-        inter.sub_(tmp).clamp_(min=0)  # intersection width
-        height = torch.minimum(gy2, ay2)
-        height.sub_(torch.maximum(gy1, ay1, out=tmp)).clamp_(min=0)
-        inter.mul_(height)
-        area_g = (gx2 - gx1) * (gy2 - gy1)  # [N, 1]
-        union = torch.add(area_a, area_g, out=tmp)
-        inter.div_(union.sub_(inter))
+        self._anchors = _anchor_columns(anchors, dtype)
         # A union is > 0 (no NaN) when anchors have positive and boxes non-negative, finite
         # sides (an infinite side makes the area inf or NaN; a NaN coordinate fails ``>=``).
         # Then also inter >= +0.0 (clamped, no -0.0 input) over a union > 0: every IoU is +0.0
         # or positive.
-        self.nonnegative = proper and bool(
+        self.nonnegative = self._anchors.proper and bool(
             (torch.isfinite(area_g) & (gx2 >= gx1) & (gy2 >= gy1)).all()
         )
+        if not self.nonnegative:  # no bound: every maximum is computed when first asked for
+            self._keys = torch.full((rows + 1, num_chunks), math.inf, dtype=dtype, device=device)
+            self._exact = torch.zeros((rows + 1, num_chunks), dtype=torch.bool, device=device)
+            return
+        # Upper bound of each chunk's maximum. In floating point too: an anchor's intersection
+        # (width, height, product: monotone roundings) is at most the chunk box's overlap and at
+        # most its area; its union is at least max(area_g, area_a) to within an ulp or two,
+        # covered by the margin.
+        cx1, cy1, cx2, cy2, low_area, high_area = self._anchors.bounds  # [C] each
+        g = [c[:, None] for c in (gx1, gy1, gx2, gy2, area_g)]
+        width = (torch.minimum(g[2], cx2) - torch.maximum(g[0], cx1)).clamp_(min=0)
+        height = (torch.minimum(g[3], cy2) - torch.maximum(g[1], cy1)).clamp_(min=0)
+        overlap = width.mul_(height)  # [N + 1, C]
+        bound = torch.minimum(overlap, high_area).div_(torch.maximum(g[4], low_area))
+        self._keys = bound.mul_(1.0 + 256 * torch.finfo(dtype).eps)
+        # no overlap with the chunk's box: every entry is exactly +0.0 (0 * h over a union > 0)
+        self._exact = overlap == 0
+
+    @property
+    def buffer(self) -> Tensor:
+        """``Tensor[R, C * S]``: the whole table (computed on each access; for tests)."""
+        num_rows, num_chunks = self._keys.shape
+        rows = torch.arange(num_rows, device=self._gt.device).repeat_interleave(num_chunks)
+        chunks = torch.arange(num_chunks, device=self._gt.device).repeat(num_rows)
+        return self.chunk_values(rows, chunks).view(num_rows, self.width)
+
+    def chunk_keys(self, floor: Tensor | float | None = None, rows: Tensor | None = None) -> Tensor:
+        """See :meth:`IoUTable.chunk_keys`; computes the maxima not yet known that may reach it."""
+        keys = self._keys if rows is None else self._keys[rows]
+        if floor is None:
+            return keys
+        exact = self._exact if rows is None else self._exact[rows]
+        limit = floor[:, None] if isinstance(floor, Tensor) else floor
+        r, c = ((keys >= limit) & ~exact).nonzero(as_tuple=True)
+        if r.numel() > 0:
+            table_rows = r if rows is None else rows[r]
+            maxima = self._chunk_max(table_rows, c)
+            self._keys[table_rows, c] = maxima
+            self._exact[table_rows, c] = True
+            if rows is not None:  # ``keys`` is a copy
+                keys[r, c] = maxima
+        return keys
+
+    def selection_keys(self, rows: Tensor | None, k: int) -> Tensor:
+        """See :meth:`IoUTable.selection_keys`.
+
+        The floor: the ``k``-th largest entry of the few chunks of highest key (``k`` entries
+        reach it, so it is at most the row's ``k``-th largest entry); their maxima become exact.
+        """
+        keys = self._keys if rows is None else self._keys[rows]
+        num_rows = keys.shape[0]
+        probe = keys.topk(min(self.num_chunks, -(-k // self.chunk) + 1), dim=1).indices  # [R', m]
+        pairs = (torch.arange(num_rows, device=keys.device) if rows is None else rows)[:, None]
+        pairs = pairs.expand_as(probe).flatten()
+        values = self.chunk_values(pairs, probe.flatten())  # [R' * m, S]
+        self._keys[pairs, probe.flatten()] = values.amax(dim=1)
+        self._exact[pairs, probe.flatten()] = True
+        floor = values.view(num_rows, -1).topk(k, dim=1).values[:, -1]  # [R']
+        return self.chunk_keys(floor, rows)
+
+    def _chunk_max(self, rows: Tensor, chunks: Tensor) -> Tensor:
+        """``Tensor[K]``: the maximum IoU of each pair (row, chunk), by blocks of pairs."""
+        out = torch.empty(rows.shape[0], dtype=self.dtype, device=rows.device)
+        for start in range(0, rows.shape[0], _BLOCK_PAIRS):
+            end = start + _BLOCK_PAIRS
+            values = self.chunk_values(rows[start:end], chunks[start:end])
+            torch.amax(values, dim=1, out=out[start:end])
+        return out
+
+    def chunk_values(self, rows: Tensor, chunks: Tensor) -> Tensor:
+        """See :meth:`IoUTable.chunk_values` (computed, in the book's arithmetic)."""
+        anchors = self._anchors
+        if anchors is None:
+            return torch.zeros((rows.shape[0], 0), dtype=self.dtype, device=rows.device)
+        a = anchors.chunks.index_select(0, chunks).unbind(1)  # 5 x [K, S]
+        g = self._gt.index_select(0, rows)[:, :, None].unbind(1)  # 5 x [K, 1]
+        values = _iou_with_areas(g, a)
+        tail = self.num_anchors - (self.num_chunks - 1) * self.chunk  # anchors in the last chunk
+        if tail < self.chunk:
+            last = chunks == self.num_chunks - 1
+            if bool(last.any()):
+                values[last, tail:] = -1.0
         if not self.nonnegative:
-            inter.nan_to_num_(nan=0.0)
+            values.nan_to_num_(nan=0.0)
+        return values
+
+    def row_values(self, row: Tensor, a: Tensor) -> Tensor:
+        """See :meth:`IoUTable.row_values` (computed, in the book's arithmetic)."""
+        if self._anchors is None:
+            return torch.full(torch.broadcast_shapes(row.shape, a.shape), -1.0, dtype=self.dtype)
+        anchor = self._anchors.flat[a.clamp(max=self.num_anchors - 1)].unbind(-1)
+        values = _iou_with_areas(self._gt[row].unbind(-1), anchor)
+        if not self.nonnegative:
+            values.nan_to_num_(nan=0.0)
+        return values.masked_fill_(a >= self.num_anchors, -1.0)
 
 
 def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
@@ -292,21 +458,19 @@ def first_k(table: IoUTable, k: int, rows: Tensor | None = None) -> Tensor:
         ranking); the row of ground truth ``(b, g)`` is ``table.row_of[b, g]``.
 
     """
-    chunk_max = table.row_chunk_max()  # [R, C]
-    device = chunk_max.device
-    if rows is None:
-        rows = torch.arange(chunk_max.shape[0], device=device)
-    else:
-        chunk_max = chunk_max[rows]
-    num_rows, num_chunks = chunk_max.shape
+    device = table.row_of.device
     sorted_bits = table.nonnegative
+    num_chunks = table.num_chunks
     if num_chunks > k:
-        chosen = _first_k(chunk_max, k, sorted_bits)  # [R', k] ascending
-    else:
+        chosen = _first_k(table.selection_keys(rows, k), k, sorted_bits)  # [R', k] ascending
+    if rows is None:
+        rows = torch.arange(table.row_image.shape[0], device=device)
+    num_rows = rows.shape[0]
+    if num_chunks <= k:
         chosen = torch.arange(num_chunks, device=device).expand(num_rows, num_chunks)
     ids = (chosen[..., None] * table.chunk + torch.arange(table.chunk, device=device)).flatten(1)
-    chunks = table.buffer.view(-1, table.num_chunks, table.chunk)  # [R, C, S]
-    values = chunks[rows[:, None], chosen].flatten(1)  # [R', k * S], at the ascending ids
+    pairs = rows[:, None].expand_as(chosen).flatten()
+    values = table.chunk_values(pairs, chosen.flatten()).view(num_rows, -1)  # [R', k * S]
     return ids.gather(1, _first_k(values, k, sorted_bits))
 
 
@@ -375,8 +539,9 @@ def _threshold_matches(table: IoUTable, valid: Tensor, threshold: float) -> tupl
     matched = torch.full((batch, num_anchors), -1, dtype=torch.long, device=valid.device)
     if table.num_gt == 0 or num_anchors == 0:
         return matched, matched.new_zeros(0)
-    row, chunk_id = (table.row_chunk_max() >= threshold).nonzero(as_tuple=True)  # [K] each
-    values = table.buffer.view(-1, table.num_chunks, chunk)[row, chunk_id]  # [K, S]
+    # keys >= threshold are exact maxima, and every chunk whose maximum reaches it has one
+    row, chunk_id = (table.chunk_keys(threshold) >= threshold).nonzero(as_tuple=True)  # [K]
+    values = table.chunk_values(row, chunk_id)  # [K, S]
     k, s = (values >= threshold).nonzero(as_tuple=True)  # [E] passing entries
     value, row = values[k, s], row[k]
     key = table.row_image[row] * num_anchors + chunk_id[k] * chunk + s  # b * A + a, [E]
@@ -414,17 +579,6 @@ def _first_max_per_key(key: Tensor, value: Tensor, order: Tensor, size: int) -> 
     return top & (order == first[key])
 
 
-class _ImageSubset(IoUTable):
-    """Some images of another table: the same rows (shared, not copied) and chunk maxima."""
-
-    def __init__(self, table: IoUTable, images: Tensor) -> None:
-        self.batch, self.num_gt = int(images.shape[0]), table.num_gt
-        self.num_anchors, self.chunk, self.width = table.num_anchors, table.chunk, table.width
-        self.row_of = table.row_of[images]
-        self.buffer, self.nonnegative = table.buffer, table.nonnegative
-        self._chunk_max = table.row_chunk_max()
-
-
 def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
     """Step 2 of the book's rule: the anchor each valid ground truth takes, or ``-1``.
 
@@ -432,8 +586,7 @@ def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
     gives each ground truth its own: the next greedy pick is the first entry ``(a, g)`` of the
     remaining matrix; ``g``'s first argmax ``a_g`` is still open (only other ground truths' first
     argmaxes were discarded), so ``g``'s row maximum is unchanged and first reached at ``a_g``,
-    hence ``a = a_g``. Only the other images go through the rounds on candidates
-    (:func:`_greedy_rounds`).
+    hence ``a = a_g``. Only the other images go through the rounds (:func:`_greedy_rounds`).
 
     Returns:
         ``Tensor[B, G]`` int64 anchor index per ground truth (``-1``: padding, or no anchor
@@ -448,50 +601,89 @@ def _greedy_on_candidates(table: IoUTable, valid: Tensor) -> Tensor:
     taken = key.clamp(min=-1)
     images = shared.nonzero()[:, 0]  # images where two valid gts share a best anchor
     if images.numel() > 0:
-        taken[images] = _greedy_rounds(_ImageSubset(table, images), valid[images])
+        taken[images] = _greedy_rounds(
+            table, table.row_of[images], valid[images], best[images, :, None]
+        )
     return taken
 
 
-def _greedy_rounds(table: IoUTable, valid: Tensor) -> Tensor:
-    """:func:`_greedy_on_candidates` for any images: rounds of mutual best pairs on candidates.
+def _ranked_candidates(table: IoUTable, rows: Tensor, k: int) -> Tensor:
+    """``Tensor[R', k]`` int64: each row's first ``k`` anchors, ranked (IoU desc, anchor asc)."""
+    ids = first_k(table, k, rows)  # ascending
+    values = table.row_values(rows[:, None], ids)
+    return ids.gather(1, values.sort(dim=1, descending=True, stable=True).indices)
+
+
+#: how much longer the list of ranked candidates becomes for a ground truth whose candidates
+#: are all taken
+_GROWTH = 4
+
+
+def _greedy_rounds(table: IoUTable, row_of: Tensor, valid: Tensor, first: Tensor) -> Tensor:
+    """:func:`_greedy_on_candidates` for any images: rounds of mutual best pairs.
+
+    Every open ground truth knows its first argmax over the open anchors from a ranked list of
+    its best anchors (its first argmax at first; a ground truth whose list is all taken gets a
+    list :data:`_GROWTH` times as long); a round reads the IoU of each such anchor with every
+    open ground truth of its image (``[B, G, G]``), assigns all mutual pairs and closes their
+    anchors and ground truths (see the module docstring).
+
+    Args:
+        table: the IoU.
+        row_of: ``Tensor[B, G]`` int64, the table row of each ground truth.
+        valid: ``Tensor[B, G]`` bool.
+        first: ``Tensor[B, G, 1]`` int64, each valid ground truth's first argmax anchor.
 
     Returns:
         ``Tensor[B, G]`` int64 anchor index per ground truth, or ``-1``.
 
     """
-    batch, num_gt, num_anchors = table.batch, table.num_gt, table.num_anchors
-    device = valid.device
-    k = min(num_gt, num_anchors)
-    cand = first_k(table, k, table.row_of.flatten()).view(batch, num_gt, k)  # [B, G, k]
-    # Columns of the small problem: the union of the candidates, sorted by anchor, no duplicates.
-    sentinel = num_anchors
-    cols = torch.where(valid[:, :, None], cand, sentinel).reshape(batch, num_gt * k)
-    cols = cols.sort(dim=1).values  # [B, M]
-    closed = cols == sentinel
-    closed[:, 1:] |= cols[:, 1:] == cols[:, :-1]
-    jac = table.row_values(table.row_of[:, :, None], cols.clamp(max=num_anchors - 1)[:, None, :])
-    jac.masked_fill_(closed[:, None, :] | ~valid[:, :, None], -1.0)  # [B, G, M], a new tensor
-
-    # Rounds of mutual best pairs (== the sequential greedy, see the module docstring). Entries
-    # >= 0 are exactly the open rows and columns: closed ones are all -1.
-    gt_ids = torch.arange(num_gt, device=device)  # [G]
-    col_ids = torch.arange(cols.shape[1], device=device)  # [M]
+    batch, num_gt = valid.shape
+    num_anchors, device = table.num_anchors, valid.device
+    # ranked candidates; padding entries (and the ends of short lists) are the sentinel A
+    cand = torch.where(valid[:, :, None], first, num_anchors)  # [B, G, k]
+    length = torch.ones((batch, num_gt), dtype=torch.long, device=device)  # of each list
+    closed = torch.zeros((batch, num_anchors + 1), dtype=torch.bool, device=device)
+    closed[:, num_anchors] = True  # the sentinel is never free
+    open_gt = valid.clone()
     taken = torch.full((batch, num_gt), -1, dtype=torch.long, device=device)
-    open_gts = int(valid.sum())  # with A >= G every valid gt is assigned, one round less
-    for _ in range(num_gt):  # at least one pair per round while any remains: <= G rounds
-        gt_value, best_col = jac.max(dim=2)  # [B, G] first argmax of each gt over candidates
-        col_value, best_gt = jac.max(dim=1)  # [B, M] first argmax of each candidate over gts
-        gt_mutual = (best_gt.gather(1, best_col) == gt_ids) & (gt_value >= 0)
-        pairs = int(gt_mutual.sum())
-        if pairs == 0:
-            break
-        taken = torch.where(gt_mutual, best_col, taken)
-        open_gts -= pairs
-        if open_gts == 0:
-            break
-        col_mutual = (best_col.gather(1, best_gt) == col_ids) & (col_value >= 0)
-        jac.masked_fill_(gt_mutual[:, :, None] | col_mutual[:, None, :], -1.0)
-    return torch.where(taken >= 0, cols.gather(1, taken.clamp(min=0)), -1)
+    gt_ids = torch.arange(num_gt, device=device)
+    gt_rows = row_of[:, None, :]  # [B, 1, G']
+    # Each pass either lengthens the lists of some open ground truths (each list at most
+    # log4(A) + 1 times) or assigns at least one pair in every image with an open ground truth
+    # and an open anchor (the first entry of its open matrix is a mutual pair).
+    for _ in range(num_gt * (num_anchors.bit_length() + 2) + 1):
+        free = ~closed.gather(1, cand.view(batch, -1)).view_as(cand)  # [B, G, k]
+        has_free = free.any(dim=2)
+        short = open_gt & ~has_free
+        if bool(short.any()):
+            # a complete list all taken: every anchor of the image is, the gt stays unassigned
+            open_gt &= ~(short & (length == num_anchors))
+            short &= length < num_anchors
+            if bool(short.any()):
+                sb, sg = short.nonzero(as_tuple=True)
+                grown = min(num_anchors, _GROWTH * int(length[sb, sg].max()))
+                if grown > cand.shape[2]:
+                    cand = torch.cat(
+                        (cand, cand.new_full((batch, num_gt, grown - cand.shape[2]), num_anchors)),
+                        dim=2,
+                    )
+                cand[sb, sg, :grown] = _ranked_candidates(table, row_of[sb, sg], grown)
+                length[sb, sg] = grown
+                continue
+        if not bool(open_gt.any()):
+            return taken
+        slot = free.to(torch.uint8).argmax(dim=2, keepdim=True)  # first free candidate
+        anchor = cand.gather(2, slot)  # [B, G, 1]: each gt's first argmax over open anchors
+        # column of each such anchor over the image's gts: is g its first argmax among open ones?
+        column = table.row_values(gt_rows, anchor.clamp(max=num_anchors - 1))  # [B, G, G']
+        column.masked_fill_(~open_gt[:, None, :], -math.inf)
+        mutual = open_gt & (column.argmax(dim=2) == gt_ids)
+        anchor = anchor[..., 0]
+        taken = torch.where(mutual, anchor, taken)
+        closed.scatter_(1, torch.where(mutual, anchor, num_anchors), True)
+        open_gt &= ~mutual
+    raise RuntimeError("the greedy rounds did not finish (a bug in src/detection/matching.py)")
 
 
 def _apply(

@@ -244,3 +244,143 @@ def test_float64_iou_gives_the_float32_assignment_with_ties(seed):
         if keep.numel():
             ref = sequential_reference(iou[b, keep])
             assert torch.equal(expected[b], torch.where(ref >= 0, keep[ref.clamp(min=0)], -1))
+
+
+def boxes_with_ties(num, generator, copies=0):
+    """``num`` boxes on a 1/32 grid (exact in float32, so many IoUs tie exactly), from 1/32 to
+    1/2 of the image wide, the last ``copies`` of them repeating earlier ones."""
+    xy = torch.randint(0, 31, (num, 2), generator=generator)
+    wh = torch.randint(1, 17, (num, 2), generator=generator)
+    boxes = torch.cat((xy, (xy + wh).clamp(max=32)), dim=1) / 32
+    if copies:
+        boxes[num - copies :] = boxes[
+            torch.randint(0, num - copies, (copies,), generator=generator)
+        ]
+    return boxes
+
+
+def ssd300_anchors():
+    from src.detection.anchors import ssd_default_boxes
+    from tests.detection.test_anchors import SSD300
+
+    return ssd_default_boxes(**SSD300)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_book_rule_at_100_objects_per_image_with_ties_equals_the_book(seed):
+    """Crowded SSD300 images (100 boxes each, a fifth of them repeated): the book's targets."""
+    from benchmarks.d2l_reference import multibox_target as book_multibox_target
+    from src.detection.targets import TargetEncoder
+
+    anchors = ssd300_anchors()
+    g = torch.Generator().manual_seed(200 + seed)
+    targets = [
+        {"boxes": boxes_with_ties(100, g, copies=20), "labels": torch.randint(0, 20, (100,))}
+        for _ in range(2)
+    ]
+    out = TargetEncoder(rule="book")(anchors, targets)
+    for i, t in enumerate(targets):
+        iou = pairwise_iou_batched(t["boxes"][None], anchors)[0]
+        best = iou.argmax(dim=1)
+        assert best.unique().numel() < 100  # repeated boxes share a best anchor: greedy rounds
+        labels = torch.cat((t["labels"][:, None].float(), t["boxes"]), dim=1)[None]
+        offsets, mask, classes = book_multibox_target(anchors[None], labels)
+        assert torch.equal(out.cls_labels[i], classes[0])
+        assert torch.equal(out.box_offsets[i].reshape(-1), offsets[0])
+        assert torch.equal(out.pos_mask[i].repeat_interleave(4).float(), mask[0])
+        assert set(out.matched_idx[i].tolist()) == set(range(-1, 100))  # every box has an anchor
+
+
+def test_book_rule_with_many_copies_of_one_box_equals_the_book():
+    """40 copies of one box: each copy's list of ranked anchors is taken by the copies before
+    it, so the greedy lengthens the lists several times (1, 4, 16, 64 anchors)."""
+    from benchmarks.d2l_reference import multibox_target as book_multibox_target
+    from src.detection.targets import TargetEncoder
+
+    anchors = ssd300_anchors()
+    boxes = torch.cat(
+        (
+            torch.tensor([[0.25, 0.25, 0.5, 0.625]]).expand(40, 4),
+            boxes_with_ties(5, torch.Generator().manual_seed(9)),
+        )
+    )
+    labels = torch.arange(45) % 20
+    out = TargetEncoder(rule="book")(anchors, [{"boxes": boxes, "labels": labels}])
+    ref = torch.cat((labels[:, None].float(), boxes), dim=1)[None]
+    offsets, mask, classes = book_multibox_target(anchors[None], ref)
+    assert torch.equal(out.cls_labels[0], classes[0])
+    assert torch.equal(out.box_offsets[0].reshape(-1), offsets[0])
+    assert set(out.matched_idx[0].tolist()) == set(range(-1, 45))
+
+
+def brute_force_first_k(iou, k):
+    """Per row of ``iou[R, A]``, the first ``k`` anchors in the order (value desc, index asc)."""
+    order = iou.sort(dim=1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_table_keys_bound_the_chunk_maxima_and_first_k_is_exact(dtype):
+    """BoxIoUTable computes chunk maxima only where a floor asks: every key bounds its chunk's
+    maximum from above and equals it from the floor up; first_k equals a full sort, also for
+    rows with fewer than k positive entries (a zero-width box: all zeros, ties everywhere)."""
+    from src.detection.matching import BoxIoUTable, first_k
+
+    anchors = ssd300_anchors().to(dtype)
+    g = torch.Generator().manual_seed(4)
+    gt = boxes_with_ties(24, g, copies=4).to(dtype).view(2, 12, 4)
+    gt[0, 3] = torch.tensor([0.5, 0.25, 0.5, 0.75])  # zero width: IoU 0 with every anchor
+    gt[1, 5] = torch.tensor([0.97, 0.97, 1.0, 1.0])  # tiny, in a corner
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 10:] = False
+    dense = pairwise_iou_batched(gt, anchors)[valid]  # [N, A] in row order
+    num_anchors = anchors.shape[0]
+    table = BoxIoUTable(gt, valid, anchors)
+    assert table.nonnegative
+    width = table.width
+    padded = torch.cat((dense, dense.new_full((dense.shape[0], width - num_anchors), -1.0)), 1)
+    true_max = padded.view(dense.shape[0], table.num_chunks, table.chunk).amax(dim=2)
+    rows = torch.arange(dense.shape[0])
+    keys = table.chunk_keys(rows=rows)
+    assert (keys >= true_max).all()
+    # nothing computed yet: the zero keys (chunks whose box misses the gt) are exact, the
+    # others bounds, most of them above the maximum
+    assert torch.equal(table._exact[rows], keys == 0) and (keys > 0).any()
+    assert int((keys > true_max).sum()) > 0.5 * int((keys > 0).sum())
+    keys = table.chunk_keys(0.5, rows)
+    assert torch.equal(keys[keys >= 0.5], true_max[keys >= 0.5])
+    assert torch.equal(true_max >= 0.5, keys >= 0.5)
+    for k in (1, 3, 40, 300):
+        assert torch.equal(first_k(table, k, rows), brute_force_first_k(dense, k)), k
+    assert (table.chunk_keys(rows=rows) >= true_max).all()  # still bounds where not exact
+    assert torch.equal(table.row_chunk_max()[rows], true_max)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_box_table_and_dense_table_agree_crowded_degenerate_and_more_gts_than_anchors(seed):
+    """The encoder's computed table (lazy maxima) and a given dense IoU assign alike, also with
+    degenerate boxes (NaN IoU, no bounds) and more ground truths than anchors; where the book's
+    greedy is defined (every box proper, G <= A) both equal the sequential reference."""
+    from src.detection.matching import match_anchors_ssd_batched
+    from src.detection.targets import TargetEncoder, pad_targets
+
+    g = torch.Generator().manual_seed(300 + seed)
+    xy = torch.randint(0, 28, (40, 2), generator=g)
+    anchors = torch.cat((xy, xy + torch.randint(1, 5, (40, 2), generator=g)), dim=1) / 32
+    sizes = (12, 60, 25)  # the middle image has more ground truths than anchors
+    targets = [
+        {"boxes": boxes_with_ties(n, g, copies=n // 3) / 4 + 0.2, "labels": torch.zeros(n).long()}
+        for n in sizes
+    ]
+    if seed % 2:  # a zero-area box with a reversed side: negative IoUs and NaN-free zeros
+        targets[2]["boxes"][0] = torch.tensor([0.5, 0.3, 0.4, 0.3])
+    padded = pad_targets(targets)
+    valid = padded[..., 0] >= 0
+    iou = pairwise_iou_batched(padded[..., 1:], anchors)
+    for rule, dense_rule in (("book", match_anchors_batched), ("ssd", match_anchors_ssd_batched)):
+        out = TargetEncoder(rule=rule)(anchors, targets).matched_idx
+        assert torch.equal(out, dense_rule(iou, valid)), rule
+    out = TargetEncoder(rule="book")(anchors, targets).matched_idx
+    assert set(out[1].tolist()) <= set(range(-1, 60)) and (out[1] >= 0).all()  # 40 anchors
+    for b in (0, 2) if seed % 2 == 0 else (0,):
+        assert torch.equal(out[b], sequential_reference(iou[b, : sizes[b]]))

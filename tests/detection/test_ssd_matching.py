@@ -189,3 +189,38 @@ def test_rule_validation_and_repr():
     assert "rule='ssd'" in repr(TargetEncoder(rule="ssd"))
     with pytest.raises(ValueError, match="iou_threshold"):
         match_anchors_ssd(torch.rand(2, 3), iou_threshold=0.0)
+
+
+def boxes_with_ties(num, generator, copies):
+    """``num`` boxes on a 1/32 grid (exact in float32: many IoUs tie exactly), 1/32 to 1/2 of the
+    image wide, the last ``copies`` of them repeating earlier ones."""
+    xy = torch.randint(0, 31, (num, 2), generator=generator)
+    wh = torch.randint(1, 17, (num, 2), generator=generator)
+    boxes = torch.cat((xy, (xy + wh).clamp(max=32)), dim=1) / 32
+    boxes[num - copies :] = boxes[torch.randint(0, num - copies, (copies,), generator=generator)]
+    return boxes
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_100_objects_per_image_with_ties_equal_torchvision_and_ssdpytorch(seed):
+    """Crowded images (100 boxes each, a fifth repeated): torchvision's matches and classes."""
+    g = torch.Generator().manual_seed(400 + seed)
+    targets = [
+        {"boxes": boxes_with_ties(100, g, copies=20), "labels": torch.randint(0, 20, (100,))}
+        for _ in range(3)
+    ]
+    out = TargetEncoder(rule="ssd")(SSD300_ANCHORS, targets)
+    matcher = SSDMatcher(0.5)
+    for i, t in enumerate(targets):
+        overlaps = box_iou(t["boxes"], SSD300_ANCHORS)
+        reference = matcher(overlaps)
+        assert torch.equal(out.matched_idx[i], reference), (seed, i)
+        assert torch.equal(out.matched_idx[i], ssdpytorch_match(0.5, overlaps.clone()))
+        classes = torch.where(reference >= 0, t["labels"][reference.clamp(min=0)] + 1, 0)
+        assert torch.equal(out.cls_labels[i], classes)
+        # the ties are real: anchors whose best IoU (>= 0.5) several boxes share, and boxes
+        # whose best anchor a later copy wins (they keep only their threshold matches)
+        top = overlaps.max(dim=0).values
+        assert ((overlaps == top).sum(dim=0)[top >= 0.5] > 1).any()
+        best = overlaps.argmax(dim=1)
+        assert (out.matched_idx[i][best] != torch.arange(100)).any()
