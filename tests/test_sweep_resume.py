@@ -259,3 +259,34 @@ def test_optuna_search_sigterm_mid_trial_resumes(tmp_path: Path, banana_data_dir
     assert torch.load(last, weights_only=True)["global_step"] == 4  # trial 1 finished in place
     config = yaml.safe_load((tmp_path / "2" / ".hydra" / "config.yaml").read_text())
     assert config["optuna_trial"]["number"] == 2
+
+
+@pytest.mark.slow  # 190 s on 2 busy cores: 2 jobs in parallel processes, a stop, a restart
+def test_submitit_local_sweep_resumes_its_interrupted_job(
+    tmp_path: Path, banana_data_dir: Path
+) -> None:
+    """`hydra/launcher=submitit_local`: job 0 stopped by SIGTERM mid-epoch in its own process
+    while job 1 finishes; the command in job 0's log resumes job 0 and skips job 1."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "src.train", "-m", "hydra/launcher=submitit_local", "seed=1,2",
+            f"hydra.sweep.dir={sweep}", *data_overrides(banana_data_dir), *QUIET, *SHORT,
+            *kill_once(tmp_path / "killed", epoch=1, batch=1),
+            f"+callbacks.kill.only_dir={sweep / '0'}"]  # fmt: skip
+    stopped = run(args)
+    assert stopped.returncode != 0  # submitit reports job 0's exit status 143 as a failure
+    assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "interrupted"
+    assert json.loads((sweep / "1" / "status.json").read_text())["status"] == "ok"
+    job1 = (sweep / "1" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    log0 = (sweep / "0" / "train.log").read_text()
+    command = printed_command(subprocess.CompletedProcess(args, 143, log0, ""))
+    assert "hydra/launcher=submitit_local" in command and command[-1] == f"hydra.sweep.dir={sweep}"
+
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    assert f"resuming from {last}" in (sweep / "0" / "train.log").read_text()
+    assert "not training it again" in (sweep / "1" / "train.log").read_text()
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "status.json").read_text())["status"] == "ok"
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == job1  # untouched

@@ -179,7 +179,7 @@ class InterruptCallback(Callback):
             return
         path = self.dirpath / self.filename
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole state
         except DivergedError as err:
             log.error("%s received; not saving the current state: %s", name, err)
             self.interrupted = (name, None)
