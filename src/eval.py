@@ -146,7 +146,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # the loggers get eval/<name> at the checkpoint's step (below), not the module's val/* at 0
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer])
     run = trainer.validate if cfg.split == "val" else trainer.test
-    results = run(model=model, datamodule=datamodule)
+    # verbose=False: Lightning's metric table would repeat the lines logged below
+    results = run(model=model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     for name, value in sorted(metrics.items()):
         log.info("%-20s %.6f", name, value)

@@ -124,8 +124,8 @@ class CocoResultsCallback(Callback):
                 dist.all_gather_object(gathered, getattr(self, name))
                 setattr(self, name, [r for part in gathered for r in part])
         if trainer.is_global_zero:
+            # write_coco_results logs the count and the path
             self.written = write_coco_results(self.path, results)
-            log.info("Wrote %d detections (COCO results format) to %s", len(results), self.path)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the file (not during the sanity check)."""
