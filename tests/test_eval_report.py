@@ -422,3 +422,26 @@ def test_report_on_real_voc_mini_detections(tmp_path: Path) -> None:
     assert f"F1-optimal score threshold (all classes): **{optimum.threshold:.3f}**" in text
     assert f"F1 {optimum.f1:.3f}, precision {optimum.precision:.3f}" in text
     assert len(list((tmp_path / "figures" / "errors").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_small_confusion_figure_has_no_overlapping_text(classes: int) -> None:
+    """A one-class matrix once drew its axis titles over the title and each other."""
+    from src.metrics.confusion import DetectionConfusion
+
+    names = [f"class {c}" for c in range(classes)]
+    counts = torch.arange((classes + 1) ** 2).reshape(classes + 1, classes + 1)
+    fig = confusion_figure(DetectionConfusion(counts, names, 0.5, 0.3))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [ax.title, ax.xaxis.label, ax.yaxis.label]
+    texts += [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = fig.bbox
+    for i, box in enumerate(boxes):
+        assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1, texts[i].get_text()
+        assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, texts[i].get_text()
+        for j in range(i + 1, len(boxes)):
+            assert not box.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    assert len(ax.title.get_text().splitlines()) <= 2

@@ -177,10 +177,12 @@ def confusion_figure(
     cell_in = 0.28
     longest = max(len(s) for s in labels)
     label_in = 0.065 * longest + 0.45  # tick labels (8 pt) and the axis title
-    width = min(FULL_PAGE_WIDTH_IN, max(HALF_PAGE_WIDTH_IN, size * cell_in + label_in + 0.9))
-    side = min(size * cell_in, width - label_in - 0.9)
+    # at least 1.6 in of matrix: the axis titles fit beside it even for one class
+    side = max(1.6, size * cell_in)
+    width = min(FULL_PAGE_WIDTH_IN, max(HALF_PAGE_WIDTH_IN, side + label_in + 0.9))
+    side = min(side, width - label_in - 0.9)
     with paper_style():
-        fig = _new_figure(width, side + label_in + 0.6)
+        fig = _new_figure(width, side + label_in + 0.8)
         ax = fig.subplots()
         vmax = 100.0 if normalise else max(float(values.max()), 1.0)
         cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#d9d9d9")
@@ -188,8 +190,9 @@ def confusion_figure(
         ax.grid(False)
         ax.set_xticks(range(size), labels, rotation=90, fontsize=8)
         ax.set_yticks(range(size), labels, fontsize=8)
-        ax.set_xlabel("predicted class (background: a missed object)")
-        ax.set_ylabel("true class (background: an unmatched detection)")
+        # the background row and column are explained in the report beside the figure
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
         for y, x in counts.nonzero().tolist():  # text per non-zero cell (drawing only)
             v = float(values[y, x])
             text = f"{v:.0f}" if normalise else str(int(counts[y, x]))
@@ -205,22 +208,15 @@ def confusion_figure(
         ax.axhline(size - 1.5, color="black", lw=0.8)
         ax.axvline(size - 1.5, color="black", lw=0.8)
         bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
-        bar.set_label(
-            "% of the row (grey: row without any count)" if normalise else "count", fontsize=8
-        )
+        bar.set_label("% of the row (grey: no count)" if normalise else "count", fontsize=8)
         bar.ax.tick_params(labelsize=8)
         if not normalise:
             bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         kind = "row-normalised (%)" if normalise else "counts"
+        rule = score_label or f"score > {confusion.score_threshold:g}"
+        # two short lines: what the cells hold, and which detections were kept
         ax.set_title(
-            "\n".join(
-                textwrap.wrap(
-                    f"Confusion matrix, {kind}: IoU > {confusion.iou_threshold:g}, "
-                    f"{score_label or f'score > {confusion.score_threshold:g}'}",
-                    70,
-                )
-            ),
-            fontsize=9,
+            f"Confusion matrix, {kind}\nIoU > {confusion.iou_threshold:g}, {rule}", fontsize=9
         )
     return fig
 
