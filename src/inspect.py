@@ -385,7 +385,7 @@ def inspect(cfg: DictConfig) -> dict[str, Any]:
         "command": " ".join(["python -m src.inspect", *overrides]),
         "train_overrides": keep,
         "data": _data_name(datamodule),
-        "backbone": str(cfg.backbone.get("name", "?")),
+        "backbone": str(cfg.backbone.get("anchor_set") or cfg.backbone.get("name", "?")),
         "classes": classes,
         "images": images,
         "boxes": int(boxes.shape[0]),
