@@ -1,7 +1,8 @@
 """Target assignment at SSD300 scale: ``TargetEncoder`` vs torchvision's SSD and the book.
 
-The same batch (default 32 images with 1 to 10 random objects each, 21 classes) is labelled
-against the 8732 SSD300 default boxes by
+For each number of objects per image (default 1, 10, 30 and 100; ``a-b`` draws it per image
+from ``a..b``), the same batch (default 32 images, 21 classes, random boxes) is labelled against
+the 8732 SSD300 default boxes by
 
 * ``TargetEncoder(rule="book")`` (the project default for the banana recipes) and
   ``TargetEncoder(rule="ssd")`` (``experiment=voc_ssd300``): IoU, matching, class labels and
@@ -9,15 +10,19 @@ against the 8732 SSD300 default boxes by
 * torchvision's SSD: what ``torchvision.models.detection.SSD`` does per image during training
   (``box_iou``, ``SSDMatcher(0.5)``, class targets and ``BoxCoder.encode_single`` of the
   foreground anchors), in its per-image loop;
-* the book's ``multibox_target`` (``benchmarks/d2l_reference.py``, per image, greedy loop).
+* the book's ``multibox_target`` (``benchmarks/d2l_reference.py``, per image, one greedy round
+  per object over the whole ``[A, G]`` matrix): slow on crowded images, so it is timed in at
+  most ``--book-calls`` calls per count, spread over the rounds.
 
-Rounds alternate between the sides so that load drift hits all of them; medians, minima and the
-ratios of the medians (and of the minima) are printed. Before timing, the assignments are
-checked: the ``ssd`` rule against torchvision's matches and the ``book`` rule against the book's
-``multibox_target`` on every image (each image alone, so that the book sees no padding rows).
+Before timing, the assignments are checked on every image: the ``ssd`` rule against
+torchvision's matches and class targets, the ``book`` rule against the book's class targets
+and offsets. Then the rounds alternate between the counts and, within a count, between the
+sides, so that load drift hits all of them; one table of medians (and minima) and ratios
+follows, with the growth of each side's cost from the smallest to the largest count.
 
-    python benchmarks/targets.py                      # CPU, batch 32
-    python benchmarks/targets.py --batch 8 --rounds 30
+    python benchmarks/targets.py                          # CPU, batch 32, 1/10/30/100 objects
+    python benchmarks/targets.py --objects 1-10 --rounds 20
+    python benchmarks/targets.py --objects 100 --no-book
 
 Like ``python -m src.train``, the script restarts itself once with the glibc malloc tunables of
 :mod:`src.utils.malloc`, which every side then shares (``SSD_MALLOC_TUNING=0`` times the untuned
@@ -57,6 +62,9 @@ SSD300_ANCHORS = SSDDefaultBoxGenerator(
 )
 SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
+BOOK_RULE, SSD_RULE = "TargetEncoder(rule=book)", "TargetEncoder(rule=ssd)"
+TORCHVISION, THE_BOOK = "torchvision SSDMatcher + encode (per image)", "the book's multibox_target"
+
 
 def ssd300_anchors() -> torch.Tensor:
     """The 8732 SSD300 default boxes, ``Tensor[8732, 4]`` normalised xyxy."""
@@ -64,13 +72,24 @@ def ssd300_anchors() -> torch.Tensor:
 
 
 def make_targets(
-    batch: int, max_objects: int = 10, num_classes: int = 20, seed: int = 0
+    batch: int,
+    max_objects: int = 10,
+    num_classes: int = 20,
+    seed: int = 0,
+    min_objects: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
-    """``batch`` images with 1 to ``max_objects`` random boxes (normalised xyxy, 0-based labels)."""
+    """``batch`` images with ``min_objects`` to ``max_objects`` random boxes each.
+
+    Returns:
+        One dict per image: ``boxes: Tensor[G_i, 4]`` float32, normalised xyxy (corners in
+        ``[0, 0.8]``, sides 0.03 to 0.63, clipped at 1), ``labels: Tensor[G_i]`` int64 in
+        ``[0, num_classes)``.
+
+    """
     g = torch.Generator().manual_seed(seed)
     targets = []
     for _ in range(batch):
-        n = int(torch.randint(1, max_objects + 1, (1,), generator=g))
+        n = int(torch.randint(min_objects, max_objects + 1, (1,), generator=g))
         xy = torch.rand(n, 2, generator=g) * 0.8
         wh = 0.03 + torch.rand(n, 2, generator=g) * 0.6
         boxes = torch.cat((xy, (xy + wh).clamp(max=1.0)), dim=1)
@@ -109,7 +128,7 @@ def book_labels(targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 
 def check_equal(anchors: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> None:
-    """Fail loudly if the assignments differ from the references."""
+    """Fail loudly if the assignments differ from the references (every image)."""
     ours_ssd = TargetEncoder(rule="ssd")(anchors, targets)
     tv = TorchvisionSSDTargets()(anchors, targets)
     ours_book = TargetEncoder(rule="book")(anchors, targets)
@@ -118,6 +137,7 @@ def check_equal(anchors: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -
             raise SystemExit(f"image {i}: rule=ssd differs from torchvision's SSDMatcher")
         if not torch.equal(ours_ssd.cls_labels[i], tv[i][1]):
             raise SystemExit(f"image {i}: rule=ssd class targets differ from torchvision's")
+        # each image alone, so that the book sees no padding rows
         labels = torch.cat((target["labels"][:, None].float(), target["boxes"]), dim=1)[None]
         offsets, mask, classes = d2l.multibox_target(anchors[None], labels)
         if not torch.equal(ours_book.cls_labels[i], classes[0]):
@@ -141,54 +161,132 @@ def time_rounds(
     return times
 
 
+def parse_counts(text: str) -> list[tuple[int, int]]:
+    """``"1,10,1-10"`` -> ``[(1, 1), (10, 10), (1, 10)]`` (objects per image, min and max)."""
+    counts = []
+    for item in text.split(","):
+        low, _, high = item.strip().partition("-")
+        try:
+            pair = (int(low), int(high or low))
+        except ValueError:
+            raise SystemExit(
+                f"--objects: {item!r} is not a count or a range; write e.g. 1,10,30,100 or 1-10"
+            ) from None
+        if not 0 <= pair[0] <= pair[1]:
+            raise SystemExit(f"--objects: {item!r} needs 0 <= min <= max")
+        counts.append(pair)
+    return counts
+
+
+def label(count: tuple[int, int]) -> str:
+    """``(1, 1)`` -> ``"1"``, ``(1, 10)`` -> ``"1-10"``."""
+    return str(count[0]) if count[0] == count[1] else f"{count[0]}-{count[1]}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX-BF16 (from ``/proc/cpuinfo`` on Linux)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine()):
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value
+    except OSError:
+        return name
+    return f"{name}, {'with' if 'amx_bf16' in flags.split() else 'no'} amx_bf16"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-objects", type=int, default=10)
+    parser.add_argument(
+        "--objects", default="1,10,30,100", help="objects per image: counts or ranges a-b"
+    )
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side per round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side per round")
+    parser.add_argument(
+        "--book-calls", type=int, default=3, help="timed calls of the book's code per count"
+    )
     parser.add_argument("--no-book", action="store_true", help="skip the (slow) book reference")
     args = parser.parse_args()
     reexec_with_malloc_tunables()  # the allocator settings of `python -m src.train`
 
     anchors = ssd300_anchors()
-    targets = make_targets(args.batch, args.max_objects)
-    check_equal(anchors, targets)
-    padded = book_labels(targets)
+    counts = parse_counts(args.objects)
     book_enc, ssd_enc = TargetEncoder(rule="book"), TargetEncoder(rule="ssd")
     tv = TorchvisionSSDTargets()
-    sides: dict[str, Callable[[], object]] = {
-        "TargetEncoder(rule=book)": lambda: book_enc(anchors, targets),
-        "TargetEncoder(rule=ssd)": lambda: ssd_enc(anchors, targets),
-        "torchvision SSDMatcher + encode (per image)": lambda: tv(anchors, targets),
-    }
-    if not args.no_book:
-        sides["the book's multibox_target"] = lambda: d2l.multibox_target(anchors[None], padded)
-    times = time_rounds(sides, args.rounds, args.repeats)
+    sides: dict[tuple[int, int], dict[str, Callable[[], object]]] = {}
+    for low, high in counts:
+        targets = make_targets(args.batch, high, min_objects=low)
+        check_equal(anchors, targets)
+        padded = book_labels(targets)
+        sides[low, high] = {
+            BOOK_RULE: lambda t=targets: book_enc(anchors, t),
+            SSD_RULE: lambda t=targets: ssd_enc(anchors, t),
+            TORCHVISION: lambda t=targets: tv(anchors, t),
+        }
+        if not args.no_book:
+            sides[low, high][THE_BOOK] = lambda p=padded: d2l.multibox_target(anchors[None], p)
 
-    objects = sum(len(t["labels"]) for t in targets)
+    # rounds outermost, then counts, then sides; the book's calls spread over the rounds
+    book_rounds = {round(i * args.rounds / args.book_calls) for i in range(args.book_calls)}
+    times = {count: {name: [] for name in named} for count, named in sides.items()}
+    for r in range(args.rounds):
+        for count, named in sides.items():
+            for name, fn in named.items():
+                slow = name == THE_BOOK
+                if slow and r not in book_rounds:
+                    continue
+                fn()  # warm-up
+                for _ in range(1 if slow else args.repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[count][name].append(time.perf_counter() - t0)
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(
-        f"cpu: {platform.processor() or platform.machine()}; cpus: {os.cpu_count()}; "
+        f"cpu: {cpu_name()}; cpus: {os.cpu_count()}; load average {load}; "
         f"torch threads: {torch.get_num_threads()}; torch {torch.__version__}; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     print(
-        f"batch {args.batch}, {objects} objects (1-{args.max_objects} per image), "
-        f"{anchors.shape[0]} anchors; {args.rounds} alternating rounds x {args.repeats} calls; "
-        "assignments checked equal (rule=ssd: torchvision, rule=book: the book)"
+        f"batch {args.batch}, {anchors.shape[0]} anchors; {args.rounds} alternating rounds x "
+        f"{args.repeats} calls per side (the book's: {len(book_rounds)} calls); assignments "
+        "checked equal on every image (rule=ssd: torchvision, rule=book: the book)"
     )
-    medians = {name: statistics.median(v) for name, v in times.items()}
-    width = max(map(len, medians))
-    for name, v in times.items():
-        median, fastest = medians[name] * 1e3, min(v) * 1e3
-        print(f"{name:<{width}} : median {median:8.2f} ms   min {fastest:8.2f} ms")
-    minima = {name: min(v) for name, v in times.items()}
-    for ours in ("TargetEncoder(rule=book)", "TargetEncoder(rule=ssd)"):
-        for ref in list(medians)[2:]:
-            print(
-                f"{ref} / {ours}: {medians[ref] / medians[ours]:.1f}x "
-                f"(minima: {minima[ref] / minima[ours]:.1f}x)"
-            )
+    medians = {c: {n: statistics.median(v) * 1e3 for n, v in t.items()} for c, t in times.items()}
+    minima = {c: {n: min(v) * 1e3 for n, v in t.items()} for c, t in times.items()}
+    names = list(next(iter(sides.values())))
+    short = {BOOK_RULE: "rule=book", SSD_RULE: "rule=ssd", TORCHVISION: "torchvision"}
+    short[THE_BOOK] = "the book"
+    print("\nms per batch, median (min):")
+    header = f"{'objects/image':>13} | " + " | ".join(f"{short[n]:>19}" for n in names)
+    print(header)
+    for count in counts:
+        cells = [f"{medians[count][n]:9.2f} ({minima[count][n]:8.2f})" for n in names]
+        print(f"{label(count):>13} | " + " | ".join(cells))
+    ratios = [(TORCHVISION, SSD_RULE), (TORCHVISION, BOOK_RULE), (BOOK_RULE, SSD_RULE)]
+    if not args.no_book:
+        ratios += [(THE_BOOK, BOOK_RULE), (THE_BOOK, SSD_RULE)]
+    print("\nratios of the medians (of the minima):")
+    titles = [f"{short[a]} / {short[b]}" for a, b in ratios]
+    print(f"{'objects/image':>13} | " + " | ".join(titles))
+    for count in counts:
+        cells = [
+            f"{medians[count][a] / medians[count][b]:.2f}x "
+            f"({minima[count][a] / minima[count][b]:.2f}x)".rjust(len(title))
+            for (a, b), title in zip(ratios, titles, strict=True)
+        ]
+        print(f"{label(count):>13} | " + " | ".join(cells))
+    if len(counts) > 1:
+        first, last = counts[0], counts[-1]
+        growth = ", ".join(f"{short[n]} {medians[last][n] / medians[first][n]:.1f}x" for n in names)
+        print(
+            f"\ncost growth from {label(first)} to {label(last)} objects per image (medians): "
+            f"{growth}"
+        )
 
 
 if __name__ == "__main__":

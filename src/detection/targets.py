@@ -1,7 +1,9 @@
 """Training targets for every anchor: the book's ``multibox_target``, batched.
 
 A :class:`TargetEncoder` pads the per-image ground truths into the book's label layout
-(:func:`pad_targets`), computes the ``[B, G, A]`` IoU, assigns anchors with the book's rule
+(:func:`pad_targets`), builds their IoU table with the anchors
+(:class:`~src.detection.matching.BoxIoUTable`, which computes the IoU only where the matching
+reads it, about a tenth of the ``[B, G, A]`` entries), assigns anchors with the book's rule
 (:func:`~src.detection.matching.match_anchors_batched`, the default) or the SSD paper's
 (:func:`~src.detection.matching.match_anchors_ssd_batched`, ``rule="ssd"``) and encodes the
 matched boxes with a :class:`~src.detection.coder.BoxCoder`. The targets carry both the encoded
