@@ -1,5 +1,11 @@
 """Export entry point: ``python -m src.export ckpt_path=PATH format=onnx [output=PATH]``.
 
+``quantize=int8`` also writes ``<name>.int8.onnx``: the same detector with int8 convolutions
+(onnxruntime's static QDQ quantisation, activation ranges calibrated on ``calibration_images``
+validation images) and compares its VOC mAP@0.5 with the float32 model's on the validation
+split; ``quantize=int8_dynamic`` quantises the weights only (activations at run time, no
+calibration). See ``docs/export.md`` for the measured accuracy and speed.
+
 The ONNX model holds the whole detector: the network (input normalisation included), the box
 decoding, the score threshold, the per-class (or class-agnostic) NMS and the per-image limit of
 the checkpoint's ``model.postprocess``, so onnxruntime gives the same detections as PyTorch.
@@ -26,20 +32,39 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from src.utils.checkpoint import load_module
-from src.utils.config import set_project_root
+from src.utils.config import data_config, set_project_root
 from src.utils.errors import report_errors
 
 log = logging.getLogger(__name__)
 
 set_project_root()
 
-__all__ = ["Detector", "export", "export_onnx", "split_detections"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "Detector",
+    "QUANTIZE_MODES",
+    "export",
+    "export_onnx",
+    "onnx_map50",
+    "quantize_onnx",
+    "split_detections",
+]
 
 DETECTION_COLUMNS = ["image", "label", "score", "x1", "y1", "x2", "y2"]
+
+#: ``quantize=`` values and what each does (``null``: float32 only).
+QUANTIZE_MODES = {
+    "int8": "static int8 (QDQ): weights per channel and activations, calibrated ranges",
+    "int8_dynamic": "dynamic int8: weights only, activations quantised at run time",
+}
+
+#: ``calibration_method=`` values of ``quantize=int8`` (onnxruntime's ``CalibrationMethod``).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 class Detector(nn.Module):
@@ -152,6 +177,183 @@ def export_onnx(
     return path
 
 
+class _NoPreprocessAdvice(logging.Filter):
+    """Drop onnxruntime's advice to run its pre-processing (see :func:`quantize_onnx`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def _calibration_reader(images: Tensor, batch: int) -> Any:
+    """An onnxruntime ``CalibrationDataReader`` over ``images[N, 3, H, W]`` in batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds = iter(
+                {"images": chunk.contiguous().numpy()} for chunk in images.split(batch)
+            )
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self._feeds, None)
+
+    return Reader()
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    path: str | Path,
+    mode: str = "int8",
+    calibration: Tensor | None = None,
+    calibration_batch: int = 8,
+    per_channel: bool = True,
+    calibration_method: str = "minmax",
+) -> Path:
+    """Write an int8 copy of an exported float32 detector (``onnxruntime.quantization``).
+
+    ``int8`` (static, QDQ format): every convolution gets int8 weights (symmetric, per output
+    channel) and uint8 activations whose ranges are the min/max seen on ``calibration``;
+    onnxruntime fuses the QuantizeLinear/DequantizeLinear pairs into integer convolutions (VNNI or
+    AMX-INT8 where the CPU has them). Only ``Conv`` and ``MaxPool`` are quantised: the decoding,
+    the softmax and NMS stay float32. ``calibration_method`` ``percentile`` (99.999th percentile of
+    the absolute values) or ``entropy`` replace the min/max ranges (activations with outliers).
+    ``int8_dynamic``: int8 weights only (``ConvInteger``), activations quantised at run time; no
+    calibration.
+
+    Args:
+        float_path: the float32 model written by :func:`export_onnx`.
+        path: the ``.onnx`` file to write.
+        mode: a key of :data:`QUANTIZE_MODES`.
+        calibration: ``float32[N, 3, H, W]`` images in ``[0, 1]`` at the network's input size
+            (``int8`` only; a few dozen validation images).
+        calibration_batch: images per calibration run.
+        per_channel: one weight scale per output channel (else per tensor).
+        calibration_method: ``minmax``, ``percentile`` or ``entropy`` (``int8`` only).
+
+    Returns:
+        ``path``; its metadata is the float model's plus ``quantization``.
+
+    Raises:
+        ValueError: an unknown ``mode`` or ``calibration_method``, or ``int8`` without
+            calibration images.
+    """
+    onnx = _import_onnx()
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    methods = dict(
+        zip(
+            CALIBRATION_METHODS,
+            (CalibrationMethod.MinMax, CalibrationMethod.Percentile, CalibrationMethod.Entropy),
+            strict=True,
+        )
+    )
+    if calibration_method not in methods:
+        raise ValueError(
+            f"calibration_method={calibration_method} is not supported; use one of "
+            f"{', '.join(methods)}"
+        )
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(
+            f"quantize={mode} is not supported; use one of {', '.join(QUANTIZE_MODES)} or null"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ops = ["Conv", "MaxPool"]
+    if mode == "int8" and (calibration is None or calibration.shape[0] == 0):
+        raise ValueError("quantize=int8 needs calibration images (calibration_images >= 1)")
+    # onnxruntime advises its pre-processing (symbolic shape inference, graph optimisation): its
+    # shape inference stops at the NMS subgraph, and the exporter has already folded BatchNorm
+    # into the convolutions, so the model is quantised as exported and the advice is dropped
+    advice = _NoPreprocessAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        if mode == "int8":
+            quantize_static(
+                str(float_path),
+                str(path),
+                _calibration_reader(calibration, calibration_batch),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                op_types_to_quantize=ops,
+                calibrate_method=methods[calibration_method],
+            )
+        else:
+            quantize_dynamic(
+                str(float_path),
+                str(path),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                op_types_to_quantize=ops,
+            )
+    finally:
+        logging.getLogger().removeFilter(advice)
+    source = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    source["quantization"] = json.dumps(
+        {
+            "mode": mode,
+            "what": QUANTIZE_MODES[mode],
+            "ops": ops,
+            "per_channel": per_channel,
+            "calibration_images": 0 if calibration is None else int(calibration.shape[0]),
+            "calibration_method": calibration_method if mode == "int8" else None,
+        }
+    )
+    for key, value in source.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+def onnx_map50(path: str | Path, dataset: Any, count: int, batch: int = 8) -> float:
+    """VOC mAP@0.5 (the devkit's, :mod:`src.metrics.voc_map`) of an ONNX detector.
+
+    Args:
+        path: an ``.onnx`` file written by :func:`export_onnx` or :func:`quantize_onnx`.
+        dataset: a validation dataset (items ``(image[3, H, W] in [0, 1], target)`` with
+            normalised xyxy boxes and ``orig_size``).
+        count: the first ``count`` images are used.
+        batch: images per onnxruntime call.
+
+    Returns:
+        mAP@0.5 over the classes with ground truth, boxes in original-image pixels.
+    """
+    import onnxruntime as ort
+
+    from src.detection.box_ops import to_pixels
+    from src.metrics.voc_map import VOCMeanAveragePrecision
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    metric = VOCMeanAveragePrecision(class_names=list(dataset.classes))
+    count = min(int(count), len(dataset))
+    for start in range(0, count, batch):  # batches of images
+        items = [dataset[i] for i in range(start, min(start + batch, count))]
+        images = torch.stack([image for image, _ in items])
+        targets = [target for _, target in items]
+        (flat,) = session.run(None, {"images": images.numpy()})
+        preds = split_detections(torch.from_numpy(flat), len(items))
+        truths = [
+            {
+                "boxes": t["boxes"],
+                "labels": t["labels"],
+                "difficult": t.get("difficult", torch.zeros_like(t["labels"], dtype=torch.bool)),
+            }
+            for t in targets
+        ]
+        metric.update(to_pixels(preds, targets), to_pixels(truths, targets))
+    return float(metric.compute()["map_50"])
+
+
 def verify_onnx(module: Any, path: str | Path, images: Tensor, atol: float = 1e-4) -> int:
     """Run ``images`` through PyTorch and onnxruntime; fail unless the detections agree.
 
@@ -183,15 +385,34 @@ def verify_onnx(module: Any, path: str | Path, images: Tensor, atol: float = 1e-
 def export(cfg: DictConfig) -> Path:
     """Export ``cfg.ckpt_path`` in ``cfg.format`` to ``cfg.output`` (see ``conf/export.yaml``).
 
+    With ``cfg.quantize`` the float32 model is written first, then its int8 copy beside it.
+
     Returns:
-        The written file.
+        The written file (the int8 one when quantising).
 
     Raises:
-        ValueError: an unknown ``format``.
+        ValueError: an unknown ``format``, ``quantize`` or ``calibration_method``, or
+            ``calibration_images < 1`` with ``quantize=int8``.
 
     """
     if cfg.format != "onnx":
         raise ValueError(f"format={cfg.format} is not supported; use format=onnx")
+    quantize = cfg.get("quantize")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(
+            f"quantize={quantize} is not supported; use quantize=int8 (static, calibrated), "
+            "quantize=int8_dynamic or quantize=null (float32 only)"
+        )
+    if quantize == "int8" and int(cfg.calibration_images) < 1:
+        raise ValueError(
+            f"calibration_images={cfg.calibration_images}: quantize=int8 calibrates on validation "
+            "images; pass calibration_images >= 1 (32 is plenty) or use quantize=int8_dynamic"
+        )
+    if quantize == "int8" and cfg.calibration_method not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"calibration_method={cfg.calibration_method} is not supported; use one of "
+            f"{', '.join(CALIBRATION_METHODS)}"
+        )
     module, run_config = load_module(cfg.ckpt_path)
     module = module.float().to(memory_format=torch.contiguous_format)
     names = list(module.class_names or run_config.model.get("class_names") or [])
@@ -205,6 +426,54 @@ def export(cfg: DictConfig) -> Path:
         images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(1))
         count = verify_onnx(module, path, images)
         log.info("onnxruntime equals PyTorch on 2 random images (%d detections)", count)
+    if quantize is None:
+        return path
+    return _export_quantized(cfg, path, run_config, quantize)
+
+
+def _validation_dataset(cfg: DictConfig, run_config: DictConfig) -> Any:
+    """The validation split of the checkpoint's data (or of the ``data`` group selected)."""
+    datamodule = instantiate(data_config(cfg, run_config))
+    datamodule.setup("validate")
+    return datamodule.val_dataset
+
+
+def _export_quantized(cfg: DictConfig, float_path: Path, run_config: DictConfig, mode: str) -> Path:
+    """Write ``<name>.int8.onnx`` (or ``.int8_dynamic.onnx``) beside ``float_path``; compare."""
+    needs_data = mode == "int8" or (cfg.verify and int(cfg.verify_images) > 0)
+    dataset = _validation_dataset(cfg, run_config) if needs_data else None
+    calibration = None
+    if mode == "int8":
+        count = min(int(cfg.calibration_images), len(dataset))
+        calibration = torch.stack([dataset[i][0] for i in range(count)])
+    path = float_path.with_name(f"{float_path.stem}.{mode}.onnx")
+    quantize_onnx(
+        float_path,
+        path,
+        mode,
+        calibration,
+        per_channel=cfg.per_channel,
+        calibration_method=cfg.calibration_method,
+    )
+    log.info(
+        "Wrote %s (%s; %.1f MB, float32 %.1f MB)",
+        path,
+        QUANTIZE_MODES[mode]
+        + (f", {calibration.shape[0]} calibration images" if mode == "int8" else ""),
+        path.stat().st_size / 1e6,
+        float_path.stat().st_size / 1e6,
+    )
+    if cfg.verify and int(cfg.verify_images) > 0:
+        count = min(int(cfg.verify_images), len(dataset))
+        ours, reference = onnx_map50(path, dataset, count), onnx_map50(float_path, dataset, count)
+        log.info(
+            "VOC mAP@0.5 on %d validation images: %s %.4f, float32 %.4f (%+.4f)",
+            count,
+            mode,
+            ours,
+            reference,
+            ours - reference,
+        )
     return path
 
 
