@@ -22,6 +22,7 @@ from src.data.voc import (
     VOCDataset,
     parse_voc_annotation,
 )
+from src.utils.config import cpu_workers
 from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,7 +330,9 @@ def test_configs_compose_and_instantiate(mini_root, tmp_path):
         assert OmegaConf.to_container(cfg.data.val_sets) == [[2007, "test"]]
         assert cfg.data.image_size == 64 and "num_classes" not in cfg.data
         assert cfg.data.classes is None and cfg.data.unknown_classes == "error"
-        assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.augment) == (32, 4, "ssd")
+        # 4 workers, at most the usable cores (${cpu_workers:4})
+        workers = cpu_workers(4)
+        assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.augment) == (32, workers, "ssd")
         assert cfg.data.keep_difficult is False and cfg.data.skip_invalid is False
 
         mini = compose(config_name="main", overrides=["data=voc_mini"])
