@@ -114,12 +114,16 @@ def test_nan_validation_outputs_end_the_run_as_diverged(tmp_path: Path, banana_d
 
 
 def test_lr_50_ends_the_run_as_diverged_not_failed(tmp_path: Path, banana_data_dir: Path):
-    """The issue's run, with the TensorBoard logger and the anchor panels on. On this data and
-    seed the weights stay finite for 4 steps and the NaN first shows in epoch 0's validation;
-    before, ``AnchorPanelsCallback`` then stopped the run with matplotlib's "Axis limits cannot
-    be NaN or Inf" and status ``failed``."""
+    """The issue's run (SGD, as the recipe was then), with the TensorBoard logger and the anchor
+    panels on. On this data and seed the weights stay finite for 4 steps and the NaN first shows
+    in epoch 0's validation; before, ``AnchorPanelsCallback`` then stopped the run with
+    matplotlib's "Axis limits cannot be NaN or Inf" and status ``failed``."""
     code, status = run_main(
-        tmp_path, banana_data_dir, "model.optimizer.lr=50", "trainer.precision=32-true"
+        tmp_path,
+        banana_data_dir,
+        "optimizer=sgd",
+        "model.optimizer.lr=50",
+        "trainer.precision=32-true",
     )
     assert code == 1
     assert status["status"] == "diverged", status

@@ -101,10 +101,11 @@ def assert_same_run(a: dict, b: dict) -> None:
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key  # bit-exact
     assert a["optimizer_states"][0]["state"].keys() == b["optimizer_states"][0]["state"].keys()
-    for key, state in a["optimizer_states"][0]["state"].items():  # momentum buffers
-        assert torch.equal(
-            state["momentum_buffer"], b["optimizer_states"][0]["state"][key]["momentum_buffer"]
-        )
+    for key, state in a["optimizer_states"][0]["state"].items():  # AdamW's moments and step
+        other = b["optimizer_states"][0]["state"][key]
+        assert state.keys() == other.keys() and {"exp_avg", "exp_avg_sq"} <= state.keys()
+        for name, value in state.items():
+            assert torch.equal(value, other[name]), (key, name)  # bit-exact
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 12
     for name in ("val/mAP_50", "val/mAP", "val/loss", "train/loss_epoch"):
         assert a["metrics"][name] == b["metrics"][name], name  # exactly equal

@@ -169,7 +169,7 @@ def optuna_space() -> dict:
         "loss.sigma": FloatDistribution(0.5, 10.0, log=True),
         "loss.gamma": FloatDistribution(0.0, 5.0),
         "loss.alpha": FloatDistribution(0.1, 1.0),
-        "model.optimizer.lr": FloatDistribution(0.01, 0.5, log=True),
+        "model.optimizer.lr": FloatDistribution(0.001, 0.5, log=True),
     }
 
 

@@ -142,7 +142,7 @@ def test_finished_run_writes_no_nan_and_opens_on_loss_and_map(finished: Path) ->
     ]  # fmt: skip
     for tag in ("loss/train/loss_epoch", "loss/val/loss", "mAP/val/mAP_50"):
         assert len(scalars[tag]) == 2, tag
-    assert "train/lr-SGD" in scalars and "train/loss_step" in scalars
+    assert "train/lr-AdamW" in scalars and "train/loss_step" in scalars
 
 
 def test_text_tab_holds_overrides_and_per_class_table(finished: Path) -> None:
