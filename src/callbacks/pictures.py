@@ -157,6 +157,7 @@ class DetectionGridCallback(Callback):
         size: longer side of each drawn image, in pixels.
         fallback_threshold: the threshold when ``score_threshold`` is None and the module has
             no F1-optimal one.
+        every_n_epochs: draw every n-th validation epoch (epochs 0, n, 2n, ...).
     """
 
     def __init__(
@@ -167,9 +168,15 @@ class DetectionGridCallback(Callback):
         max_boxes: int | None = 10,
         size: int = 512,
         fallback_threshold: float = 0.3,
+        every_n_epochs: int = 1,
     ) -> None:
         if int(num_images) < 0:
             raise ValueError(f"callbacks.detection_grid.num_images must be >= 0, got {num_images}")
+        if int(every_n_epochs) < 1:
+            raise ValueError(
+                f"callbacks.detection_grid.every_n_epochs must be >= 1, got {every_n_epochs}"
+            )
+        self.every_n_epochs = int(every_n_epochs)
         for key, value in (
             ("score_threshold", score_threshold),
             ("fallback_threshold", fallback_threshold),
@@ -197,6 +204,8 @@ class DetectionGridCallback(Callback):
     ) -> None:
         """Keep the first batch's images, targets and detections (``outputs``)."""
         if batch_idx != 0 or self.num_images == 0 or trainer.sanity_checking:
+            return
+        if trainer.current_epoch % self.every_n_epochs != 0:
             return
         if not trainer.is_global_zero or not isinstance(outputs, list):
             return

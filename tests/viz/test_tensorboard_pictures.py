@@ -129,7 +129,7 @@ def test_detection_pictures_one_card_per_image_at_the_f1_threshold(tmp_path: Pat
 
     logger = TensorBoardLogger(tmp_path, name="", version="")
     trainer = SimpleNamespace(
-        sanity_checking=False, is_global_zero=True, loggers=[logger], global_step=5
+        sanity_checking=False, is_global_zero=True, loggers=[logger], global_step=5, current_epoch=0
     )
     module = SimpleNamespace(class_names=["banana"], score_threshold={"value": 0.55, "f1": 0.8})
     callback = DetectionGridCallback(num_images=2)
@@ -149,6 +149,23 @@ def test_detection_pictures_one_card_per_image_at_the_f1_threshold(tmp_path: Pat
     assert event.step == 5 and event.width == 512 and event.height > 512
     with pytest.raises(ValueError, match="score_threshold"):
         DetectionGridCallback(score_threshold=1.5)
+    with pytest.raises(ValueError, match="callbacks.detection_grid.every_n_epochs must be >= 1"):
+        DetectionGridCallback(every_n_epochs=0)
+
+
+def test_detection_pictures_every_n_epochs() -> None:
+    """every_n_epochs=3 keeps the first batch at epochs 0 and 3 only (long runs draw less)."""
+    callback = DetectionGridCallback(num_images=1, every_n_epochs=3)
+    images = torch.rand(1, 3, 64, 64)
+    batch = (images, [_gt([[0.1, 0.1, 0.5, 0.5]], [0])])
+    outputs = [_det([[0.1, 0.1, 0.5, 0.5]], [0.9], [0])]
+    kept = []
+    for epoch in range(5):
+        trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=epoch)
+        callback.on_validation_batch_end(trainer, SimpleNamespace(), outputs, batch, 0)
+        kept.append(callback._batch is not None)
+        callback._batch = None
+    assert kept == [True, False, False, True, False]
 
 
 def test_pr_curve_counts_on_real_voc_detections() -> None:
