@@ -116,7 +116,7 @@ def test_flip_maps_x_to_one_minus_x() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"augment": "foo"}, "data.augment must be one of none, flip, ssd; got 'foo'"),
+        ({"augment": "foo"}, "data.augment must be one of none, flip, crop, ssd; got 'foo'"),
         ({"image_size": 0}, "image_size must be positive"),
         ({"image_size": [1, 2, 3]}, "image_size must be an int"),
         ({"fill": (0.5, 0.5)}, "fill must be 3 values"),
@@ -164,12 +164,13 @@ def _white_box(out: torch.Tensor, centre: torch.Tensor) -> torch.Tensor | None:
     return box / size
 
 
-def test_ssd_boxes_track_the_marked_region() -> None:
+@pytest.mark.parametrize("augment", ["ssd", "crop"])
+def test_ssd_boxes_track_the_marked_region(augment: str) -> None:
     size = 64
-    tf = build_transforms(train=True, image_size=size, augment="ssd", fill=(1.0, 0.0, 1.0))
+    tf = build_transforms(train=True, image_size=size, augment=augment, fill=(1.0, 0.0, 1.0))
     image, target = _marker_scene()
     eval_box = torch.tensor([50 / W, 30 / H, 110 / W, 80 / H])
-    changed = flipped = shrunk = 0
+    changed = flipped = shrunk = grown = magenta = 0
     for seed in range(40):
         torch.manual_seed(seed)
         out, t = tf(image, target)
@@ -185,8 +186,16 @@ def test_ssd_boxes_track_the_marked_region() -> None:
         changed += int(not torch.allclose(box, eval_box, atol=1e-3))
         flipped += int(float(centre[0]) > 0.5 + 1e-3)  # the marker starts left of centre
         shrunk += int(float(box[2] - box[0]) < 0.9 * float(eval_box[2] - eval_box[0]))
-    # the seeds really exercise flips, zoom-outs and crops
-    assert changed >= 20 and flipped >= 5 and shrunk >= 5
+        grown += int(float(box[2] - box[0]) > 1.1 * float(eval_box[2] - eval_box[0]))
+        pix = out * 255.0  # the zoom-out canvas: magenta (255, 0, 255)
+        fill = (pix[0] > 200) & (pix[1] < 50) & (pix[2] > 200)
+        magenta += int(fill.float().mean() > 0.05)
+    # the seeds really exercise flips, zoom-outs (ssd only) and crops
+    assert changed >= 20 and flipped >= 5 and grown >= 5
+    if augment == "ssd":
+        assert shrunk >= 5 and magenta >= 5
+    else:  # "crop": the SSD augmentation without the zoom out, so never a fill canvas
+        assert magenta == 0
 
 
 def test_ssd_zero_boxes_skips_iou_crop() -> None:
