@@ -567,7 +567,7 @@ class DetectionDataModule(LightningDataModule):
         num_workers: DataLoader workers (the image cache is built in ``setup``, before the
             workers fork, so they share it copy-on-write).
         pin_memory: DataLoader ``pin_memory``.
-        augment: training augmentation, ``"none"``, ``"flip"``, ``"crop"`` or ``"ssd"``
+        augment: training augmentation, ``"none"``, ``"flip"``, ``"photometric"`` or ``"ssd"``
             (:func:`src.data.transforms.build_transforms`).
         image_size: model input side ``S`` or ``[H, W]``.
         cache: decode every image once in ``setup`` and keep it in memory (uint8).

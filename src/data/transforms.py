@@ -18,8 +18,7 @@ Every transform built here is a callable ``(image, target) -> (image, target)``:
 * output ``image``: a plain ``Tensor[3, S_h, S_w]`` float32 in ``[0, 1]``, ``S = image_size``.
 * output ``target``: the same dict with ``boxes`` a plain ``Tensor[G', 4]`` float32 normalised
   XYXY in ``[0, 1]`` and the per-box keys ``labels`` / ``difficult`` / ``iscrowd`` filtered
-  consistently (``G' <= G``; only the ``"crop"`` and ``"ssd"`` augmentations remove boxes).
-  ``G`` may be 0.
+  consistently (``G' <= G``; only the ``"ssd"`` augmentation removes boxes). ``G`` may be 0.
 
 The input image and target tensors are never modified in place (images may be views of an
 in-memory cache).
@@ -39,7 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger(__name__)
 
-AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "crop", "ssd")
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "photometric", "ssd")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 # target keys holding one entry per box, filtered together with the boxes
 PER_BOX_KEYS: tuple[str, ...] = ("labels", "difficult", "iscrowd")
@@ -224,10 +223,11 @@ def build_transforms(
             Resize -> ClampBoundingBoxes -> SanitizeBoundingBoxes`` (drops degenerate boxes and
             the matching ``labels`` / ``difficult`` entries), then float conversion.
             ``"flip"``: ``RandomHorizontalFlip -> Resize`` only (cheap, keeps every box; the
-            default banana recipe). ``"crop"``: ``"ssd"`` without the zoom out, for objects that
-            fill much of the image (``experiment=raccoon``): zooming out by up to 4 makes them
-            smaller than they ever are, while the IoU crop and the colour changes still vary
-            their position, scale and look.
+            default banana recipe). ``"photometric"``: ``RandomPhotometricDistort ->
+            RandomHorizontalFlip -> Resize``: the SSD augmentation's colour changes and flip
+            without its geometry (keeps every box where it is, mirrored or not; the raccoon
+            recipe, whose objects fill much of the photo, where the IoU crop and zoom out cost
+            accuracy in a short schedule).
         fill: zoom-out canvas colour as RGB in ``[0, 1]`` (the dataset mean); it is scaled to
             ``[0, 255]`` for uint8 images.
 
@@ -252,11 +252,13 @@ def build_transforms(
         return DetectionTransform(
             train, augment, size, v2.Compose([v2.RandomHorizontalFlip(p=0.5), resize])
         )
-    zoom_out = [_RandomZoomOut(fill, side_range=(1.0, 4.0), p=0.5)] if augment == "ssd" else []
+    if augment == "photometric":
+        steps = [v2.RandomPhotometricDistort(p=0.5), v2.RandomHorizontalFlip(p=0.5), resize]
+        return DetectionTransform(train, augment, size, v2.Compose(steps))
     steps = v2.Compose(
         [
             v2.RandomPhotometricDistort(p=0.5),
-            *zoom_out,
+            _RandomZoomOut(fill, side_range=(1.0, 4.0), p=0.5),
             _RandomIoUCropIfBoxes(),
             v2.RandomHorizontalFlip(p=0.5),
             resize,

@@ -231,7 +231,10 @@ def test_missing_image_and_dirs_are_named(tmp_path: Path) -> None:
     ("kwargs", "match"),
     [
         ({"source": "foo"}, r"data\.source must be one of auto, real, synthetic; got 'foo'"),
-        ({"augment": "bar"}, r"data\.augment must be one of none, flip, crop, ssd; got 'bar'"),
+        (
+            {"augment": "bar"},
+            r"data\.augment must be one of none, flip, photometric, ssd; got 'bar'",
+        ),
         ({"batch_size": 0}, r"data\.batch_size must be >= 1"),
         ({"image_size": -3}, r"data\.image_size must be positive, got -3"),
         ({"download_timeout": 0}, r"data\.download_timeout must be > 0"),
