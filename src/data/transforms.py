@@ -223,8 +223,8 @@ def build_transforms(
             Resize -> ClampBoundingBoxes -> SanitizeBoundingBoxes`` (drops degenerate boxes and
             the matching ``labels`` / ``difficult`` entries), then float conversion.
             ``"flip"``: ``RandomHorizontalFlip -> Resize`` only (cheap, keeps every box; the
-            default banana recipe). ``"photometric"``: ``RandomPhotometricDistort ->
-            RandomHorizontalFlip -> Resize``: the SSD augmentation's colour changes and flip
+            default banana recipe). ``"photometric"``: ``RandomHorizontalFlip -> Resize ->
+            RandomPhotometricDistort``: the SSD augmentation's colour changes and flip
             without its geometry (keeps every box where it is, mirrored or not; the raccoon
             recipe, whose objects fill much of the photo, where the IoU crop and zoom out cost
             accuracy in a short schedule).
@@ -253,7 +253,9 @@ def build_transforms(
             train, augment, size, v2.Compose([v2.RandomHorizontalFlip(p=0.5), resize])
         )
     if augment == "photometric":
-        steps = [v2.RandomPhotometricDistort(p=0.5), v2.RandomHorizontalFlip(p=0.5), resize]
+        # colours after the resize: the same distortion (per-pixel, or image means), on S x S
+        # pixels instead of the photo's
+        steps = [v2.RandomHorizontalFlip(p=0.5), resize, v2.RandomPhotometricDistort(p=0.5)]
         return DetectionTransform(train, augment, size, v2.Compose(steps))
     steps = v2.Compose(
         [
