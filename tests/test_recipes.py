@@ -77,9 +77,12 @@ def test_raccoon_recipe_config() -> None:
     assert cfg.data._target_ == "src.data.base.DetectionDataModule"
     assert list(cfg.data.train_sets) == ["train_labels.csv"]
     assert list(cfg.data.val_sets) == ["test_labels.csv"]
-    assert (cfg.data.batch_size, cfg.data.augment, cfg.data.cache) == (16, "flip", True)
+    assert (cfg.data.batch_size, cfg.data.augment, cfg.data.cache) == (16, "photometric", True)
     assert cfg.trainer.max_epochs == 60 and cfg.backbone.anchor_set == "tiny"
-    assert type(_optimizer(cfg)) is torch.optim.AdamW
+    optimizer = _optimizer(cfg)
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == pytest.approx(0.2) and group["lr"] == pytest.approx(3e-3)
     assert cfg.callbacks.detection_grid.every_n_epochs == 10
     assert cfg.callbacks.anchor_panels.every_n_epochs == 10
 
