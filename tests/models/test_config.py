@@ -28,7 +28,8 @@ MODEL_NET = {
 
 
 def compose(name: str, num_classes: int = 1, **overrides) -> OmegaConf:
-    backbone = OmegaConf.load(CONF / f"{name}.yaml")
+    # the option as Hydra composes it (vgg16_512.yaml builds on vgg16.yaml in its defaults list)
+    backbone = compose_config("train", [f"backbone={name}"]).backbone
     for key, value in overrides.items():
         OmegaConf.update(backbone, key, value)
     return OmegaConf.create(
