@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from src.detection.losses import FocalLoss
 from src.train import train
 from tests.conftest import CONF_DIR, compose_config, shared_data
 
@@ -79,6 +80,11 @@ def test_raccoon_recipe_config() -> None:
     assert list(cfg.data.val_sets) == ["test_labels.csv"]
     assert (cfg.data.batch_size, cfg.data.augment, cfg.data.cache) == (16, "photometric", True)
     assert cfg.trainer.max_epochs == 60 and cfg.backbone.anchor_set == "tiny"
+    encoder = instantiate(cfg.model.target_encoder)
+    assert encoder.iou_threshold == pytest.approx(0.3) and encoder.rule == "book"
+    loss = instantiate(cfg.loss.module)
+    assert type(loss.cls_loss) is FocalLoss and loss.mining is None
+    assert loss.normalize == "positives" and loss.background_bias(1) == pytest.approx(math.log(99))
     optimizer = _optimizer(cfg)
     assert type(optimizer) is torch.optim.AdamW
     group = optimizer.param_groups[0]
