@@ -162,8 +162,8 @@ class TargetEncoder:
         iou_threshold = float(iou_threshold)
         if not (math.isfinite(iou_threshold) and 0.0 < iou_threshold <= 1.0):
             raise ValueError(
-                f"targets.iou_threshold must be in (0, 1], got {iou_threshold}; the book and SSD "
-                "use 0.5"
+                f"model.target_encoder.iou_threshold must be in (0, 1], got {iou_threshold}; the "
+                "book and SSD use 0.5, experiment=raccoon 0.3"
             )
         if rule not in MATCHING_RULES:
             raise ValueError(

@@ -141,7 +141,9 @@ def test_inputs_not_modified():
 
 @pytest.mark.parametrize("threshold", [0.0, 1.2, float("nan")])
 def test_threshold_validation(threshold):
-    with pytest.raises(ValueError, match="targets.iou_threshold"):
+    with pytest.raises(
+        ValueError, match=r"model\.target_encoder\.iou_threshold must be in \(0, 1\]"
+    ):
         TargetEncoder(iou_threshold=threshold)
 
 
